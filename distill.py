@@ -1,0 +1,124 @@
+"""The KDAD method itself: which features are compared, the distillation loss, the anomaly score and its map.
+
+"Multiresolution Knowledge Distillation for Anomaly Detection" (Salehi et al., CVPR 2021, arXiv 2011.11108),
+section 3. A frozen teacher and a smaller student see the same image; the student is trained on normal images to
+reproduce the teacher's features at several depths ("taps"). On a new image, how badly the student does that is
+the anomaly score. Each tapped pair (s, t) contributes, per image,
+
+    (1 - cos(s, t))  +  lambda * mean((s - t)^2)        "direction" loss + lambda * "value" loss
+
+with s and t flattened over everything but the batch. Training minimises the batch mean of that sum over the
+training taps; the score is the same sum, per image, over the score taps (shared/docs/method.md).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, read_header
+from vgg import CLONER, VGG, load_vgg16
+from vit import ViT, load_vit, student_config
+
+LAMBDA = 0.01  # weight of the value (MSE) term; the paper's value for CIFAR-10
+
+
+## --------------------------------------------------------------------------------------------------------
+## Taps: list indices into the outputs of student.forward() and teacher.forward(), paired position by position.
+
+@dataclass(frozen=True)
+class Taps:
+    train_student: tuple
+    train_teacher: tuple
+    score_student: tuple
+    score_teacher: tuple
+
+
+def vgg_taps() -> Taps:
+    """Pools 2-5 for training, pools 3-5 for the score. VGG.forward()[k - 1] is the output of max-pool k.
+
+    (The paper's code hides these in the index lists [3, 6, 9, 12] and [6, 9, 12] over 13 saved activations.)"""
+    def pools(*ks):
+        return tuple(k - 1 for k in ks)
+    return Taps(pools(2, 3, 4, 5), pools(2, 3, 4, 5), pools(3, 4, 5), pools(3, 4, 5))
+
+
+def vit_taps(teacher_depth: int, student_depth: int = 4) -> Taps:
+    """Student blocks 1..4 against evenly spaced teacher blocks ending at the last (3, 6, 9, 12 for a 12-block
+    teacher) for training; the score drops the first pair. ViT.forward()[i] is the output of block i."""
+    student = tuple(range(1, student_depth + 1))
+    teacher = tuple(max(1, (teacher_depth * k + student_depth // 2) // student_depth) for k in student)
+    return Taps(student, teacher, student[1:], teacher[1:])
+
+
+def tapped(features: list, indices: tuple) -> list:
+    return [features[i] for i in indices]
+
+
+## --------------------------------------------------------------------------------------------------------
+## Loss and score, written once.
+
+def anomaly_score(student_feats: list, teacher_feats: list, lam: float = LAMBDA) -> torch.Tensor:
+    """Per-image score (B,): sum over tapped pairs of (1 - cos) + lam * mean squared difference. Higher = more
+    anomalous. Computed in float32 whatever precision the features came in."""
+    score = 0.0
+    for s, t in zip(student_feats, teacher_feats, strict=True):
+        s, t = s.float().flatten(1), t.float().flatten(1)  # (B, C*H*W) for VGG, (B, tokens*D) for ViT
+        direction = 1 - F.cosine_similarity(s, t, dim=1)
+        value = (s - t).pow(2).mean(dim=1)
+        score = score + direction + lam * value
+    return score
+
+
+def distillation_loss(student_feats: list, teacher_feats: list, lam: float = LAMBDA) -> torch.Tensor:
+    """L = sum_l [ mean_batch(1 - cos) + lam * mean_all((s - t)^2) ]: the batch mean of the per-image score
+    (every image has the same number of elements, so the mean of per-image means is the mean over all)."""
+    return anomaly_score(student_feats, teacher_feats, lam).mean()
+
+
+## --------------------------------------------------------------------------------------------------------
+## Teacher, student and taps together: what a training step and a scoring pass do with a batch of images.
+
+class KDAD:
+    def __init__(self, teacher, student, taps: Taps, lam: float = LAMBDA):
+        self.teacher, self.student, self.taps, self.lam = teacher, student, taps, lam
+
+    def teacher_features(self, x, indices: tuple) -> list:
+        with torch.no_grad():  # the teacher is frozen: its features are targets, not part of the graph
+            return tapped(self.teacher(x), indices)
+
+    def loss(self, x, teacher_feats: list | None = None) -> torch.Tensor:
+        """Training loss of a batch; teacher_feats (training taps) may come from a cache instead."""
+        if teacher_feats is None:
+            teacher_feats = self.teacher_features(x, self.taps.train_teacher)
+        return distillation_loss(tapped(self.student(x), self.taps.train_student), teacher_feats, self.lam)
+
+    def score(self, x, train_taps: bool = False) -> torch.Tensor:
+        """Per-image anomaly score (B,); train_taps=True gives the per-image training loss instead."""
+        t = self.taps
+        s_idx, t_idx = (t.train_student, t.train_teacher) if train_taps else (t.score_student, t.score_teacher)
+        return anomaly_score(tapped(self.student(x), s_idx), self.teacher_features(x, t_idx), self.lam)
+
+
+## --------------------------------------------------------------------------------------------------------
+## Teacher and student of each backbone.
+
+def load_teacher(path, backbone: str, image_size: int):
+    """The frozen teacher for --backbone, with its input mean/std in .cfg; a file of the other family is refused."""
+    keys = read_header(path).keys()
+    is_vgg = any(k.startswith("features.") for k in keys)
+    if backbone == "vit" and is_vgg:
+        raise CheckpointError(f"{path} is a VGG checkpoint, not a ViT: use --backbone vgg, or a ViT teacher")
+    if backbone == "vgg" and not is_vgg and any("embed" in k or k.startswith("conv_proj") for k in keys):
+        raise CheckpointError(f"{path} is a ViT checkpoint, not VGG16: use --backbone vit, or a VGG16 teacher")
+    if backbone == "vgg" and image_size < 32:
+        raise CheckpointError(f"--image-size {image_size} is too small for VGG16's five 2x2 pools: use 32 or more")
+    teacher = load_vit(path, image_size) if backbone == "vit" else load_vgg16(path)
+    return teacher.requires_grad_(False).eval()
+
+
+def make_student(backbone: str, teacher):
+    return ViT(student_config(teacher.cfg)) if backbone == "vit" else VGG(CLONER)
+
+
+def taps_for(backbone: str, teacher) -> Taps:
+    return vit_taps(teacher.cfg.depth) if backbone == "vit" else vgg_taps()

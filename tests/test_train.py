@@ -1,0 +1,119 @@
+"""train.py and evaluate.py end to end on a generated image folder with small random-weight teachers."""
+import http.server
+import json
+import threading
+from functools import partial
+
+import pytest
+import torch
+
+import evaluate
+import train
+from checkpoint import read_tensors
+from helpers import image_folder, torchvision_vit, tv_to_hf, vgg16_file, vit_teacher_file
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
+            "vgg": vgg16_file(d / "vgg.safetensors")}
+
+
+def run(files, out, backbone="vit", *extra, cls="bee"):
+    argv = ["--backbone", backbone, "--cls", cls, "--teacher", files[backbone], "--data-dir", files["data"],
+            "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--out", str(out), *extra]
+    return train.main(argv)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "vgg"])
+def test_end_to_end_and_evaluate_reproduces(files, tmp_path, backbone, capsys):
+    out = tmp_path / "run"
+    assert run(files, out, backbone) == 0
+    for f in ("config.json", "state.pt", "log.jsonl", "student.safetensors", "results.json"):
+        assert (out / f).is_file(), f
+    results = json.loads((out / "results.json").read_text())
+    for k in ("val_auroc", "test_auroc", "val_normal_loss", "epochs", "seconds", "train_images_per_s"):
+        assert k in results, k
+    assert results["n_train"] == 27 and results["n_test"] == 30 and results["selection"] == "final"
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["backbone"] == backbone and len(config["teacher"]["sha256"]) == 64
+    assert config["code"]["sources_sha256"]
+    printed = capsys.readouterr().out
+    assert "epoch   1/1" in printed and "img/s" in printed and "test AUROC" in printed
+
+    again = evaluate.evaluate_run(out, torch.device("cpu"))
+    assert again["test_auroc"] == pytest.approx(results["test_auroc"], abs=1e-9)
+    assert again["val_auroc"] == pytest.approx(results["val_auroc"], abs=1e-9)
+    assert evaluate.main([str(out)]) == 0
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local stand-in for the Hugging Face hub: serves tmp_path/hub over http, HF_ENDPOINT points at it."""
+    root = tmp_path / "hub"
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
+    yield root
+    server.shutdown()
+
+
+def test_default_vit_preset_downloads_converts_and_states_the_label_leak(files, tmp_path, hub, capsys):
+    # the reproduction's teacher is published as a Hugging Face pickle (.bin): serve a small one in HF layout
+    bin_path = hub / "nateraw/vit-base-patch16-224-cifar10/resolve/main/pytorch_model.bin"
+    bin_path.parent.mkdir(parents=True)
+    torch.save(tv_to_hf(torchvision_vit(eps=1e-12).state_dict(), head_model=True), bin_path)
+    argv = ["--backbone", "vit", "--cls", "1", "--data-dir", files["data"], "--image-size", "32", "--epochs", "1",
+            "--out", str(tmp_path / "r")]
+    assert train.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuned on CIFAR-10 labels" in printed and "dino-vitb16" in printed
+    assert "huggingface ViT" in printed and "(0.5, 0.5, 0.5)" in printed  # the teacher's own normalisation
+    assert len(list((tmp_path / "cache").glob("vit-b16-cifar10-*.safetensors"))) == 1
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["teacher"] == "vit-b16-cifar10" and results["teacher_saw_cifar10_labels"] is True
+    assert train.main(argv[:-1] + [str(tmp_path / "r2")]) == 0  # second time from the cache, no download
+
+
+def test_resume_continues_where_the_run_stopped(files, tmp_path):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(files, straight, "vit", "--epochs", "2") == 0
+    assert run(files, stopped, "vit", "--epochs", "1") == 0
+    assert run(files, stopped, "vit", "--epochs", "2", "--resume") == 0
+    a, b = read_tensors(straight / "student.safetensors"), read_tensors(stopped / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (stopped / "results-1ep.json").is_file()  # the shorter run's results are kept, not overwritten
+    log = [json.loads(line) for line in (stopped / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_select_by_validation_auroc_is_recorded(files, tmp_path):
+    out = tmp_path / "sel"
+    assert run(files, out, "vit", "--epochs", "2", "--select", "val-auroc") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["selection"] == "val-auroc" and results["uses_anomaly_labels"] is True
+    assert 1 <= results["selected_epoch"] <= 2
+
+
+def test_all_classes_end_with_a_table(files, tmp_path, capsys):
+    out = tmp_path / "all"
+    assert run(files, out, "vgg", cls="all") == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0-ant", "1-bee", "2-cow"]
+    md = (out / "table.md").read_text()
+    assert md.count("\n") == 2 + 3 + 1 and "| mean |" in md
+    assert (out / "table.csv").read_text().startswith("class,name,test_auroc")
+    assert "| 2 | cow |" in capsys.readouterr().out
+
+
+def test_offline_preset_download_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
+    assert train.main(["--backbone", "vit", "--cls", "3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "could not download http://127.0.0.1:9/nateraw/vit-base-patch16-224-cifar10/resolve/main/" in err
+    assert "--teacher /path/to/model.safetensors" in err
+    assert not any((tmp_path / "cache").glob("*")), "no half-downloaded file is left behind"

@@ -1,0 +1,430 @@
+"""Train a KDAD student on one normal class and report its test ROC AUC, once, at the end.
+
+    python train.py --backbone vit --cls 3                      # the ViT reproduction's recipe, class 3 (cat)
+    python train.py --backbone vgg --cls all                    # the paper's VGG16 recipe, ten classes + table
+    python train.py --backbone vit --cls cat --teacher dino-vitb16 --data-dir ../shared/data/cifar10-jpeg
+    python train.py --backbone vit --cls 3 --image-size 32 --epochs 1 --limit 300    # a quick CPU check
+
+The recipes are shared/docs/method.md's; the protocol (validation held out from the training split, test scored
+once, final epoch unless --select val-auroc) is data.py's. A run folder (--out) holds:
+    config.json         every setting, the teacher's identity (sha256) and the code version
+    state.pt            the resumable training state (written each epoch, on Ctrl-C, never half-written)
+    log.jsonl           one line per epoch: loss, validation loss on normal images, images/s
+    student.safetensors the chosen student, and results.json with val/test AUROC (at the end)
+"""
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
+                        sha256)
+from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress, random_augment
+from distill import KDAD, load_teacher, make_student, taps_for
+from vit import set_fused_attn
+from evaluate import (RunError, auroc, autocast, load_student, pick_device, pick_precision, read_json,
+                      score_images, write_table)
+
+## The two recipes (method.md). The VGG one is the paper's code; the ViT one the reproduction's.
+RECIPES = {
+    "vgg": dict(epochs=200, batch_size=64, lr=1e-3, optimizer=torch.optim.Adam, milestones=[], gamma=1.0,
+                augment=False),  # no augmentation: the teacher's features can be computed once and cached
+    "vit": dict(epochs=10, batch_size=128, lr=5e-5, optimizer=torch.optim.AdamW, milestones=[5], gamma=0.2,
+                augment=True),   # random crop + flip; AdamW with torch's default weight decay 0.01
+}
+RESULT_SETTINGS = ("backbone", "cls", "teacher_sha256", "batch_size", "lr", "lam", "image_size", "limit", "seed",
+                   "select", "precision", "plain", "data_dir", "data_root")  # what a resumed run must share
+USER_ERRORS = (CheckpointError, DataError, RunError)
+
+
+class Stop(Exception):
+    """Training ended early: Ctrl-C, or a non-finite loss. The message says what was kept."""
+
+
+## --------------------------------------------------------------------------------------------------------
+## Command line.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Multiresolution knowledge distillation for anomaly detection (KDAD).")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--backbone", required=True, choices=["vgg", "vit"])
+    g.add_argument("--cls", required=True, help="normal class: index 0-9, name (e.g. cat), or all")
+    g.add_argument("--teacher", help=f"preset ({', '.join(PRESETS)}), http(s) address or .safetensors path "
+                                     f"(default: {DEFAULT_TEACHER['vit']} for vit, {DEFAULT_TEACHER['vgg']} for vgg)")
+    g.add_argument("--cache-dir", help="where presets are downloaded (default: $KDAD_CACHE or ~/.cache/kdad-vit)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="image folder with train/<class>/ and test/<class>/ (default: CIFAR-10)")
+    g.add_argument("--data-root", default="./data", help="where torchvision's CIFAR-10 is downloaded (default: ./data)")
+    g.add_argument("--image-size", type=int, default=224, help="crop size; the resize keeps 256/224 (default: 224)")
+    g.add_argument("--limit", type=int, help="at most N images per split, for quick runs (default: all)")
+    g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit)")
+    g.add_argument("--epochs", type=int, help="vgg 200, vit 10")
+    g.add_argument("--batch-size", type=int, help="vgg 64, vit 128")
+    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5)")
+    g.add_argument("--lam", type=float, default=0.01, help="weight of the MSE (value) term (default: 0.01)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, the student and the batches (default: 0)")
+    g.add_argument("--select", choices=["final", "val-auroc"], default="final",
+                   help="model selection: the final epoch (default), or the best validation AUROC, which uses "
+                        "anomaly labels of the validation images (recorded in results.json)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast with fp32 weights, or fp32 (default: bf16 where the hardware has it)")
+    g.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
+    g.add_argument("--no-cache", action="store_true", help="recompute the teacher's features every epoch (vgg)")
+    g.add_argument("--plain", action="store_true", help="the slow reference path (PIL per image, written-out "
+                   "attention, no cache), to check that the fast path computes the same thing")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for scoring (default: 256)")
+    args = p.parse_args(argv)
+    for name, value in RECIPES[args.backbone].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    for name in ("epochs", "batch_size", "lr", "image_size", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lam < 0 or (args.limit is not None and args.limit < 2):
+        p.error("--lam must be >= 0 and --limit at least 2 (one normal and one anomalous test image)")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    return args
+
+
+## --------------------------------------------------------------------------------------------------------
+## Run folder: what it holds, and refusing to clobber an existing one.
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(path: Path, state: dict):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill at any moment leaves either the old or the new file, never half of one
+
+
+def code_version() -> dict:
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(here.glob("*.py")):
+        h.update(f.read_bytes())
+    try:
+        git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return {"git": git or None, "sources_sha256": h.hexdigest()[:16]}
+
+
+def prepare_run_dir(run: Path, settings: dict, resume: bool, overwrite: bool):
+    """Refuse to reuse a run folder silently: a different configuration, a finished or an unfinished run."""
+    if not (run / "config.json").exists():
+        if resume:
+            raise RunError(f"nothing to resume in {run} (no config.json): run without --resume")
+        run.mkdir(parents=True, exist_ok=True)
+        return
+    if overwrite:
+        print(f"overwriting the run in {run} (--overwrite)")
+        for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
+            (run / f).unlink(missing_ok=True)
+        return
+    old = read_json(run / "config.json")["settings"]
+    differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
+    if not resume:
+        what = f"a run of another configuration ({', '.join(differ)} differ)" if differ else "a run"
+        raise RunError(f"{run} already holds {what}: add --resume to continue it, --overwrite to replace it, "
+                       f"or choose another --out")
+    if differ:
+        raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
+                       f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
+    if not (run / "state.pt").exists():
+        raise RunError(f"nothing to resume in {run} (no state.pt): use --overwrite to start it again")
+
+
+## --------------------------------------------------------------------------------------------------------
+## Teacher-feature cache (VGG recipe: no augmentation, so the frozen teacher gives the same features every epoch).
+
+def feature_cache(kdad: KDAD, images, prep, amp, batch_size, device, precision):
+    """Teacher features of the training taps for every training image, computed once; None if they do not fit."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with amp():
+        probe = kdad.teacher_features(prep(images[:1], center(1, prep.size)), kdad.taps.train_teacher)
+    per_image = sum(f[0].numel() for f in probe) * dtype.itemsize
+    need = per_image * len(images)
+    free_host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    free_dev = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_host
+    if need < 0.5 * free_dev:
+        where, pin = device, False
+    elif device.type == "cuda" and need < 0.5 * free_host:
+        where, pin = torch.device("cpu"), True
+    else:
+        print(f"teacher-feature cache: {need / 2**30:.1f} GiB does not fit; recomputing the teacher every step")
+        return None
+    cache = [torch.empty((len(images), *f.shape[1:]), dtype=dtype, device=where, pin_memory=pin) for f in probe]
+    print(f"teacher-feature cache: {need / 2**30:.2f} GiB of {str(dtype)[6:]} "
+          + ("in pinned host memory (does not fit on the GPU)" if pin else f"on {where}"))
+    order = torch.arange(len(images))
+    n = (len(images) + batch_size - 1) // batch_size
+    for idx, x in progress(batches(images, order, center(len(images), prep.size), batch_size, prep), n, "caching"):
+        with amp():
+            for c, f in zip(cache, kdad.teacher_features(x, kdad.taps.train_teacher)):
+                c[idx.to(c.device)] = f.to(c.device, dtype)
+    return cache
+
+
+## --------------------------------------------------------------------------------------------------------
+## Training.
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch's order, augmentation and dropout depend on (seed, epoch) only: a resumed run is the same run."""
+    return seed * 100_003 + epoch
+
+
+def train_epoch(kdad, opt, data, prep, amp, args, epoch, start_step, cache, stop, on_stop):
+    """One pass over the training images, from batch `start_step` on; returns (mean loss, images/s).
+    On Ctrl-C calls on_stop(step) and raises Stop; a NaN/inf loss raises Stop (checked every 50 steps)."""
+    g = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
+    n = len(data.train)
+    order = torch.randperm(n, generator=g)
+    aug = random_augment(n, args.image_size, g) if args.augment else center(n, args.image_size)
+    skip = start_step * args.batch_size  # a resumed epoch continues at the batch it stopped at
+    steps = batches(data.train, order[skip:], aug[skip:], args.batch_size, prep, args.plain)
+    total = (n + args.batch_size - 1) // args.batch_size
+    losses, seen, t0 = [], 0, time.time()
+    kdad.student.train()
+    for step, (idx, x) in enumerate(progress(steps, total - start_step, f"epoch {epoch + 1}"), start=start_step):
+        with amp():
+            teacher_feats = [c[idx.to(c.device)].to(x.device, non_blocking=True) for c in cache] if cache else None
+            loss = kdad.loss(x, teacher_feats)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())  # no .item() here: a GPU would wait for every step
+        seen += len(idx)
+        if stop["requested"] or step % 50 == 49:
+            check_finite(losses, epoch, start_step)
+        if stop["requested"]:
+            on_stop(step + 1)
+            raise Stop(f"interrupted at epoch {epoch + 1}, step {step + 1}")
+    check_finite(losses, epoch, start_step)
+    return torch.stack(losses).mean().item(), seen / max(time.time() - t0, 1e-9)
+
+
+def check_finite(losses, epoch, start_step):
+    finite = torch.isfinite(torch.stack(losses))
+    if not finite.all():
+        step = start_step + int((~finite).nonzero()[0]) + 1
+        raise Stop(f"non-finite loss at epoch {epoch + 1}, step {step} (try a lower --lr or --precision fp32)")
+
+
+def build(args, teacher, device, precision):
+    """Student, KDAD wrapper, preprocessing, autocast, optimiser and schedule of a new run."""
+    torch.manual_seed(args.seed)
+    student = make_student(args.backbone, teacher).to(device)
+    for model in (teacher, student):  # the plain path runs the written-out attention (no effect on VGG)
+        set_fused_attn(model, not args.plain)
+    channels_last = args.backbone == "vgg"  # the convolutions run faster in NHWC
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    kdad = KDAD(teacher, student, taps_for(args.backbone, teacher), args.lam)
+    if args.compile:  # compiled wrappers run; the plain modules are what gets saved (no '_orig_mod.' keys)
+        kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
+    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last)
+    opt = args.optimizer(student.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, args.gamma)
+    return student, kdad, prep, autocast(device, precision), opt, sched
+
+
+class Snapshots:
+    """The resumable state in run/state.pt: weights, optimiser, schedule, position, RNG, history."""
+
+    def __init__(self, run: Path, student, opt, sched, device):
+        self.path, self.student, self.opt, self.sched, self.device = run / "state.pt", student, opt, sched, device
+        self.state = {"epoch": 0, "step": 0, "history": [], "best": None, "rng": None}
+
+    def load(self):
+        saved = torch.load(self.path, map_location=self.device, weights_only=True)
+        self.student.load_state_dict(saved["student"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.state = {k: saved[k] for k in self.state}
+
+    def save(self, epoch: int, step: int):
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        self.state |= {"epoch": epoch, "step": step, "rng": rng}
+        save_state(self.path, self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                                            "scheduler": self.sched.state_dict()})
+
+    def seed_epoch(self, seed: int, epoch: int):
+        """Dropout draws from the global generator: seed it per epoch, or restore it mid-epoch on resume."""
+        if self.state["step"] == 0:
+            torch.manual_seed(epoch_seed(seed, epoch) + 50_000)
+            return
+        torch.set_rng_state(self.state["rng"]["cpu"].cpu())
+        if "cuda" in self.state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.state["rng"]["cuda"].cpu(), self.device)
+
+
+def fit(args, data, teacher, device, precision, run: Path) -> dict:
+    """Train for args.epochs, select the model (final epoch unless --select val-auroc), save it; returns the
+    training figures for results.json. Stop is raised, with what was kept, on Ctrl-C or a non-finite loss."""
+    student, kdad, prep, amp, opt, sched = build(args, teacher, device, precision)
+    snaps = Snapshots(run, student, opt, sched, device)
+    if args.resume:
+        snaps.load()
+        print(f"resuming {run} at epoch {snaps.state['epoch'] + 1}, step {snaps.state['step']}")
+    cache = None
+    if not (args.augment or args.no_cache or args.plain):
+        cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, precision)
+    normal_val = data.val[data.val_labels == 0]
+    history = snaps.state["history"]
+    stop = {"requested": False}
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
+    try:
+        for epoch in range(snaps.state["epoch"], args.epochs):
+            snaps.seed_epoch(args.seed, epoch)
+            try:
+                loss, speed = train_epoch(kdad, opt, data, prep, amp, args, epoch, snaps.state["step"], cache, stop,
+                                          lambda step: snaps.save(epoch, step))
+            except Stop as e:
+                resume = "; continue it with the same command and --resume"
+                kept = (f"saved a resumable state in {snaps.path}{resume}" if stop["requested"] else
+                        f"the last good state (end of epoch {snaps.state['epoch']}) is kept in {snaps.path}{resume}"
+                        if snaps.path.exists() else "nothing was saved yet")
+                raise Stop(f"{e}; {kept}") from None
+            sched.step()
+            record = {"epoch": epoch + 1, "loss": loss, "images_per_s": speed, "lr": opt.param_groups[0]["lr"],
+                      "val_normal_loss": score_images(kdad, normal_val, prep, amp, args.eval_batch_size,
+                                                      train_taps=True, plain=args.plain).mean().item()}
+            if args.select == "val-auroc":
+                record["val_auroc"] = auroc(score_images(kdad, data.val, prep, amp, args.eval_batch_size,
+                                                         plain=args.plain), data.val_labels.cpu())
+                if snaps.state["best"] is None or record["val_auroc"] > snaps.state["best"]["val_auroc"]:
+                    snaps.state["best"] = {"epoch": epoch + 1, "val_auroc": record["val_auroc"]}
+                    save_tensors(student.state_dict(), run / "best.safetensors")
+            history.append(record)
+            snaps.save(epoch + 1, 0)
+            write_atomic(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val-normal-loss {record['val_normal_loss']:.4f}"
+                  f"  {speed:7.1f} img/s" + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return finish(args, kdad, student, data, prep, amp, run, history, snaps.state["best"])
+
+
+def finish(args, kdad, student, data, prep, amp, run, history, best) -> dict:
+    """Score validation and test once with the selected student and save it."""
+    selected = args.epochs
+    if args.select == "val-auroc":
+        selected = best["epoch"]
+        load_student(run / "best.safetensors", student)
+        print(f"selected epoch {selected} by validation AUROC (this uses the validation images' anomaly labels)")
+    t0 = time.time()
+    val = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
+    test = score_images(kdad, data.test, prep, amp, args.eval_batch_size, plain=args.plain)
+    score_speed = (len(val) + len(test)) / (time.time() - t0)
+    save_tensors(student.state_dict(), run / "student.safetensors")
+    return {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu()),
+            "val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
+            "selected_epoch": selected, "selection": args.select, "uses_anomaly_labels": args.select == "val-auroc",
+            "train_images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+            "score_images_per_s": score_speed}
+
+
+def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Path) -> dict:
+    """Train and score one normal class into the run folder `run`; returns results.json's content."""
+    started = time.time()
+    data = one_class_data(source, cls, args.seed, args.limit)
+    settings = {k: v for k, v in vars(args).items() if k != "optimizer"}
+    settings |= {"cls": data.normal_class, "class_name": data.class_name, "precision": precision,
+                 "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
+                 "data_root": str(Path(args.data_root).resolve()),
+                 "teacher_sha256": teacher_info["sha256"], "optimizer": args.optimizer.__name__}
+    prepare_run_dir(run, settings, args.resume, args.overwrite)
+    if args.resume and (run / "results.json").exists() and read_json(run / "results.json")["epochs"] >= args.epochs:
+        raise RunError(f"{run} already finished {args.epochs} epochs (results.json): nothing to resume; "
+                       f"raise --epochs to train on, or use --overwrite")
+    print(data.summary())
+    config = {"settings": settings, "teacher": teacher_info, "taps": asdict(taps_for(args.backbone, teacher)),
+              "student": asdict(make_student(args.backbone, teacher).cfg),
+              "code": code_version(), "torch": torch.__version__, "device": str(device)}
+    write_atomic(run / "config.json", json.dumps(config, indent=2) + "\n")
+    results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
+               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
+               **fit(args, data.to(device), teacher, device, precision, run),
+               "seconds": time.time() - started, "seed": args.seed, "device": str(device), "precision": precision,
+               "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
+    if (run / "results.json").exists():  # an earlier, shorter run that --resume extended: keep its results
+        old = run / f"results-{read_json(run / 'results.json').get('epochs')}ep.json"
+        os.replace(run / "results.json", old)
+        print(f"kept the earlier results as {old}")
+    write_atomic(run / "results.json", json.dumps(results, indent=2) + "\n")
+    print(f"class {results['cls']} ({results['class_name']}): val AUROC {results['val_auroc']:.4f}  "
+          f"test AUROC {results['test_auroc']:.4f}  ({results['seconds']:.0f} s)  -> {run}")
+    return results
+
+
+def describe(teacher) -> str:
+    c = teacher.cfg
+    if hasattr(c, "patch_size"):
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, patch {c.patch_size}, {c.registers} "
+                f"registers, at {c.image_size} px, mean/std {c.mean}/{c.std}")
+    return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        precision = pick_precision(args.precision, device)
+        if precision == "bf16":  # fp32 stays true fp32; with bf16 autocast, let the remaining fp32 matmuls use TF32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        name = args.teacher or DEFAULT_TEACHER[args.backbone]
+        path, short = resolve_teacher(name, args.cache_dir)
+        teacher = load_teacher(path, args.backbone, args.image_size).to(device)
+        if args.backbone == "vgg":
+            teacher = teacher.to(memory_format=torch.channels_last)
+        label_leak = name == "vit-b16-cifar10"
+        teacher_info = {"name": name, "path": str(Path(path).resolve()), "sha256": sha256(path),
+                        "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
+                        "label_leak": label_leak}
+        print(f"teacher: {name} ({PRESETS[name].note if name in PRESETS else path}): {describe(teacher)}")
+        if label_leak:
+            print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
+                  f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
+        print(f"device: {device}, precision: {precision}")
+        source = open_source(args.data_dir, args.data_root, args.image_size)
+        classes = range(len(source.classes)) if args.cls == "all" else [args.cls]
+        base = Path(args.out or f"runs/{args.backbone}-{short}-{'all' if args.cls == 'all' else args.cls}-s{args.seed}")
+        runs = []
+        for cls in classes:
+            run = base / f"{cls}-{source.classes[cls]}" if args.cls == "all" else base
+            run_class(args, source, cls, teacher, teacher_info, device, precision, run)
+            runs.append(run)
+        if args.cls == "all":
+            print(write_table(runs, base / "table"))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130 if str(e).startswith("interrupted") else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

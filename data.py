@@ -308,8 +308,10 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
     starts = range(0, len(order), batch_size)
     if plain:
         items = list(zip(order.tolist(), aug.top.tolist(), aug.left.tolist(), aug.flip.tolist()))
+        # its own generator: a DataLoader otherwise draws its worker seed from the global one, shifting dropout
         loader = torch.utils.data.DataLoader(PerImageDataset(images, prep), num_workers=workers,
-                                             batch_sampler=[items[i:i + batch_size] for i in starts])
+                                             batch_sampler=[items[i:i + batch_size] for i in starts],
+                                             generator=torch.Generator().manual_seed(0))
         for i, x in zip(starts, loader):
             x = x.to(prep.mean.device)
             yield order[i:i + batch_size], (x.contiguous(memory_format=torch.channels_last) if prep.channels_last

@@ -192,6 +192,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def train_step(kdad, opt, amp, idx, x, cache=None) -> torch.Tensor:
+    """One optimiser step on a preprocessed batch x (images idx); returns the loss, still on the device."""
+    with amp():
+        teacher_feats = [c[idx.to(c.device)].to(x.device, non_blocking=True) for c in cache] if cache else None
+        loss = kdad.loss(x, teacher_feats)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()  # no .item() here: a GPU would wait for every step
+
+
 def train_epoch(kdad, opt, data, prep, amp, args, epoch, start_step, cache, stop, on_stop):
     """One pass over the training images, from batch `start_step` on; returns (mean loss, images/s).
     On Ctrl-C calls on_stop(step) and raises Stop; a NaN/inf loss raises Stop (checked every 50 steps)."""
@@ -205,13 +216,7 @@ def train_epoch(kdad, opt, data, prep, amp, args, epoch, start_step, cache, stop
     losses, seen, t0 = [], 0, time.time()
     kdad.student.train()
     for step, (idx, x) in enumerate(progress(steps, total - start_step, f"epoch {epoch + 1}"), start=start_step):
-        with amp():
-            teacher_feats = [c[idx.to(c.device)].to(x.device, non_blocking=True) for c in cache] if cache else None
-            loss = kdad.loss(x, teacher_feats)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())  # no .item() here: a GPU would wait for every step
+        losses.append(train_step(kdad, opt, amp, idx, x, cache))
         seen += len(idx)
         if stop["requested"] or step % 50 == 49:
             check_finite(losses, epoch, start_step)

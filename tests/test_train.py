@@ -117,3 +117,65 @@ def test_offline_preset_download_fails_with_one_line(tmp_path, monkeypatch, caps
     assert "could not download http://127.0.0.1:9/nateraw/vit-base-patch16-224-cifar10/resolve/main/" in err
     assert "--teacher /path/to/model.safetensors" in err
     assert not any((tmp_path / "cache").glob("*")), "no half-downloaded file is left behind"
+
+
+## --------------------------------------------------------------------------------------------------------
+## The fast path computes what the plain path computes.
+
+@pytest.fixture(scope="module")
+def exact_files(tmp_path_factory, files):
+    # 37 px images: --image-size 32 resizes to 37, a no-op, so PIL's uint8 rounding of a real resize (up to one
+    # grey level) cannot make the two paths' inputs differ; everything else in the paths is compared as it is
+    d = tmp_path_factory.mktemp("exact")
+    return files | {"data": image_folder(d / "data", size=37)}
+
+
+@pytest.mark.parametrize("backbone", ["vit", "vgg"])
+def test_fast_and_plain_paths_give_the_same_auroc(exact_files, tmp_path, backbone):
+    fast, plain = tmp_path / "fast", tmp_path / "plain"
+    assert run(exact_files, fast, backbone, "--epochs", "2", "--precision", "fp32", cls="ant") == 0
+    assert run(exact_files, plain, backbone, "--epochs", "2", "--precision", "fp32", "--plain", cls="ant") == 0
+    a, b = (json.loads((p / "results.json").read_text()) for p in (fast, plain))
+    assert round(a["test_auroc"], 3) == round(b["test_auroc"], 3)
+    assert round(a["val_auroc"], 3) == round(b["val_auroc"], 3)
+    losses = [[json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()] for p in (fast, plain)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    wa, wb = read_tensors(fast / "student.safetensors"), read_tensors(plain / "student.safetensors")
+    diff = sum((wa[k] - wb[k]).pow(2).sum() for k in wa if wa[k].is_floating_point()).sqrt()
+    norm = sum(wa[k].pow(2).sum() for k in wa if wa[k].is_floating_point()).sqrt()
+    print(f"{backbone}: fast vs plain, student weights differ by {diff / norm:.1e} of their norm")
+    assert diff / norm < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_feature_cache_equals_recomputing_the_teacher(files, tmp_path, precision):
+    cached, recomputed = tmp_path / "cached", tmp_path / "recomputed"
+    assert run(files, cached, "vgg", "--epochs", "2", "--precision", precision) == 0
+    assert run(files, recomputed, "vgg", "--epochs", "2", "--precision", precision, "--no-cache") == 0
+    a, b = read_tensors(cached / "student.safetensors"), read_tensors(recomputed / "student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # stored in the dtype the teacher computes in: exact
+
+
+def test_feature_cache_holds_the_teacher_features(files):
+    from data import Preprocess, center
+    from distill import KDAD, load_teacher, make_student, vgg_taps
+    teacher = load_teacher(files["vgg"], "vgg", 32)
+    kdad = KDAD(teacher, make_student("vgg", teacher), vgg_taps())
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, "cpu")
+    cache = train.feature_cache(kdad, images, prep, evaluate.autocast(torch.device("cpu"), "fp32"), 2,
+                                torch.device("cpu"), "fp32")
+    direct = kdad.teacher_features(prep(images, center(5, 32)), kdad.taps.train_teacher)
+    assert [c.shape for c in cache] == [d.shape for d in direct]
+    assert all(torch.allclose(c, d, rtol=1e-5, atol=1e-6) for c, d in zip(cache, direct))
+
+
+def test_compiled_run_saves_plain_keys(files, tmp_path, monkeypatch):
+    # the eager backend keeps the test fast; the wrapper (and its '_orig_mod.' prefix) is the same as inductor's
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager"))
+    out = tmp_path / "compiled"
+    assert run(files, out, "vit", "--compile") == 0
+    keys = read_tensors(out / "student.safetensors").keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    assert evaluate.main([str(out)]) == 0

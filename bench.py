@@ -1,0 +1,215 @@
+"""How much faster the fast path is than the plain one, measured side by side in one process on the same images.
+
+fast  = what train.py does: uint8 images on the device, resize/crop/flip/normalise per batch there, bf16 autocast
+        (where the hardware has it), SDPA attention, channels_last VGG, the VGG teacher's features cached once.
+plain = what the reference code does: PIL transforms per image in DataLoader workers, fp32, written-out attention,
+        the teacher recomputed at every step.
+
+Both run the recipe's networks at 224 px (ViT-B/16 teacher + 4-block student; VGG16 + cloner) with random weights:
+speed does not depend on the values of the weights. Figures are images per second over --steps timed steps after
+one warm-up step; "train" covers everything a training step does, data preparation included.
+
+    python bench.py                                  # both backbones, GPU if there is one
+    python bench.py --device cpu --steps 3 --batch-size 16
+    python bench.py --full-class --data-dir ../shared/data/cifar10-jpeg    # wall time of one whole class per recipe
+"""
+import argparse
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from data import Preprocess, batches, center, open_source, random_augment
+from distill import KDAD, make_student, taps_for
+from evaluate import autocast, pick_device, pick_precision
+from train import RECIPES, feature_cache, train_step
+from vgg import VGG
+from vit import ViT, ViTConfig, set_fused_attn
+
+CIFAR_JPEG = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10-jpeg"
+
+
+## --------------------------------------------------------------------------------------------------------
+## Measuring.
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def peak_memory(device, out: dict):
+    """Peak memory of the block in MiB: CUDA's allocator peak, or on the CPU the whole process's peak resident
+    size (Linux VmHWM, reset through /proc/self/clear_refs; it includes the models and images already loaded)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield
+        out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: no figure rather than a wrong one
+        yield
+        out["peak_mib"] = float("nan")
+        return
+    yield
+    with open("/proc/self/status") as f:
+        out["peak_mib"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def timed(step, batch_iter, steps, device) -> float:
+    """Images/s over `steps` calls of step(idx, x) after one warm-up call; fetching each batch is timed too."""
+    it = iter(batch_iter)
+    step(*next(it))
+    sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        idx, x = next(it)
+        step(idx, x)
+        n += len(idx)
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+## --------------------------------------------------------------------------------------------------------
+## One backbone, both paths.
+
+def random_teacher(backbone: str, image_size: int):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=image_size)) if backbone == "vit" else VGG()
+    return model.requires_grad_(False).eval()
+
+
+def bench_path(backbone, fast: bool, images, device, args) -> dict:
+    precision = pick_precision("auto", device) if fast else "fp32"
+    amp = autocast(device, precision)
+    teacher = random_teacher(backbone, args.image_size).to(device)
+    torch.manual_seed(0)
+    student = make_student(backbone, teacher).to(device)
+    channels_last = fast and backbone == "vgg"
+    if channels_last:
+        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+    for m in (teacher, student):
+        set_fused_attn(m, fast)
+    kdad = KDAD(teacher, student, taps_for(backbone, teacher))
+    if fast and args.compile:
+        kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
+    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last)
+    recipe = RECIPES[backbone]
+    opt = recipe["optimizer"](student.parameters(), lr=recipe["lr"])
+    n, bs = len(images), args.batch_size
+    order = torch.arange(n)
+    aug = random_augment(n, args.image_size, torch.Generator().manual_seed(0)) if recipe["augment"] \
+        else center(n, args.image_size)
+    row = {"precision": precision}
+
+    cache = None
+    with peak_memory(device, mem := {}):
+        if fast and not recipe["augment"]:  # the VGG recipe: build the cache once, outside the timed epoch
+            t0 = time.perf_counter()
+            cache = feature_cache(kdad, images, prep, amp, bs, device, precision)
+            sync(device)
+            row["cache_s"] = time.perf_counter() - t0
+        student.train()
+        row["train"] = timed(lambda idx, x: train_step(kdad, opt, amp, idx, x, cache),
+                             batches(images, order, aug, bs, prep, plain=not fast, workers=args.workers),
+                             args.steps, device)
+    row["train_peak_mib"] = mem["peak_mib"]
+    del cache
+
+    student.eval()
+    with peak_memory(device, mem := {}), torch.inference_mode():
+        def score(idx, x):
+            with amp():
+                kdad.score(x)
+        row["score"] = timed(score, batches(images, order, center(n, args.image_size), bs, prep, plain=not fast,
+                                            workers=args.workers), args.steps, device)
+    row["score_peak_mib"] = mem["peak_mib"]
+    return row
+
+
+def bench_images(n: int, data_dir) -> torch.Tensor:
+    """n real CIFAR-10 images (uint8, 32 px) when the JPEG folder is at hand, else random ones."""
+    folder = Path(data_dir) if data_dir else CIFAR_JPEG
+    if folder.is_dir():
+        source = open_source(folder, image_size=224)
+        images, _ = source.images("train", torch.arange(n).numpy())
+        return images
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def step_table(args, device):
+    n = args.batch_size * (args.steps + 1)
+    images = bench_images(n, args.data_dir).to(device)
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    print(f"device: {device} ({where}); torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
+          f"{args.steps} timed steps after 1 warm-up; plain path: {args.workers} DataLoader workers"
+          + ("; fast path compiled" if args.compile else ""))
+    print("\n| backbone | measure | fast | plain | fast / plain |\n|---|---|---|---|---|")
+    for backbone in args.backbones:
+        fast, plain = (bench_path(backbone, f, images, device, args) for f in (True, False))
+        rows = [("train img/s" + (" (cache warm)" if "cache_s" in fast else ""), "train", "{:.1f}"),
+                ("score img/s", "score", "{:.1f}"),
+                ("train peak memory, MiB", "train_peak_mib", "{:.0f}"),
+                ("score peak memory, MiB", "score_peak_mib", "{:.0f}")]
+        for label, key, fmt in rows:
+            ratio = fast[key] / plain[key] if plain[key] else float("nan")
+            print(f"| {backbone} | {label} | {fmt.format(fast[key])} | {fmt.format(plain[key])} | {ratio:.2f}x |")
+        if "cache_s" in fast:
+            print(f"| {backbone} | feature cache build, s (once per run) | {fast['cache_s']:.1f} | - | - |")
+        print(f"| {backbone} | precision | {fast['precision']} | {plain['precision']} | |")
+
+
+## --------------------------------------------------------------------------------------------------------
+## A whole class per recipe, through train.py, with random-weight teachers of the real architectures.
+
+def full_class(args, device):
+    import train
+    from checkpoint import save_tensors
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backbone in args.backbones:
+            teacher_file = Path(tmp) / f"{backbone}.safetensors"
+            save_tensors(random_teacher(backbone, 224).state_dict(), teacher_file)
+            out = Path(tmp) / f"run-{backbone}"
+            argv = ["--backbone", backbone, "--cls", "3", "--teacher", str(teacher_file), "--out", str(out),
+                    "--device", str(device)] + (["--data-dir", args.data_dir] if args.data_dir else []) \
+                + (["--compile"] if args.compile else [])
+            t0 = time.perf_counter()
+            assert train.main(argv) == 0, f"train.py failed for {backbone}"
+            results[backbone] = time.perf_counter() - t0
+    print("\n| recipe | one class, wall s | ten classes, projected min |\n|---|---|---|")
+    for backbone, s in results.items():
+        r = RECIPES[backbone]
+        print(f"| {backbone} ({r['epochs']} epochs, batch {r['batch_size']}) | {s:.0f} | {10 * s / 60:.1f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fast path vs plain path, side by side.")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on the CPU")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 3 on the CPU)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size (default: 224, the recipes')")
+    p.add_argument("--backbones", nargs="+", default=["vit", "vgg"], choices=["vit", "vgg"])
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers of the plain path (default: min(4, CPUs))")
+    p.add_argument("--data-dir", help="image folder for the images (default: ../shared/data/cifar10-jpeg if present)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    p.add_argument("--full-class", action="store_true",
+                   help="instead: train one whole class per recipe with train.py and report the wall time")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    args.batch_size = args.batch_size or (128 if gpu else 16)
+    args.steps = args.steps or (20 if gpu else 3)
+    full_class(args, device) if args.full_class else step_table(args, device)
+
+
+if __name__ == "__main__":
+    main()

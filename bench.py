@@ -13,7 +13,6 @@ one warm-up step; "train" covers everything a training step does, data preparati
     python bench.py --device cpu --steps 3 --batch-size 16
     python bench.py --full-class --data-dir ../shared/data/cifar10-jpeg    # wall time of one whole class per recipe
 """
-import argparse
 import os
 import platform
 import tempfile
@@ -25,7 +24,7 @@ import torch
 
 from data import Preprocess, batches, center, open_source, random_augment
 from distill import KDAD, make_student, taps_for
-from evaluate import autocast, pick_device, pick_precision
+from evaluate import OneLineParser, autocast, pick_device, pick_precision
 from train import RECIPES, feature_cache, train_step
 from vgg import VGG
 from vit import ViT, ViTConfig, set_fused_attn
@@ -191,7 +190,7 @@ def full_class(args, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fast path vs plain path, side by side.")
+    p = OneLineParser(description="Fast path vs plain path, side by side.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on the CPU")
     p.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 3 on the CPU)")

@@ -36,6 +36,13 @@ class RunError(ValueError):
     """A run folder that cannot be evaluated, or settings that make no sense."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line (what is wrong, where to look) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## Device and precision, chosen once per process.
 
@@ -205,7 +212,7 @@ def write_table(paths, out_prefix) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Re-evaluate KDAD runs, or tabulate them.")
+    p = OneLineParser(description="Re-evaluate KDAD runs, or tabulate them.")
     p.add_argument("runs", nargs="+", help="run folder(s) written by train.py")
     p.add_argument("--table", action="store_true", help="print and write the per-class table of the runs")
     p.add_argument("--table-out", default="table", help="path prefix of the table's .md and .csv (default: table)")

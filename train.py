@@ -12,7 +12,6 @@ once, final epoch unless --select val-auroc) is data.py's. A run folder (--out) 
     log.jsonl           one line per epoch: loss, validation loss on normal images, images/s
     student.safetensors the chosen student, and results.json with val/test AUROC (at the end)
 """
-import argparse
 import hashlib
 import json
 import os
@@ -30,8 +29,8 @@ from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointErro
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress, random_augment
 from distill import KDAD, load_teacher, make_student, taps_for
 from vit import set_fused_attn
-from evaluate import (RunError, auroc, autocast, load_student, pick_device, pick_precision, read_json,
-                      score_images, write_table)
+from evaluate import (OneLineParser, RunError, auroc, autocast, load_student, pick_device, pick_precision,
+                      read_json, score_images, write_table)
 
 ## The two recipes (method.md). The VGG one is the paper's code; the ViT one the reproduction's.
 RECIPES = {
@@ -53,7 +52,7 @@ class Stop(Exception):
 ## Command line.
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Multiresolution knowledge distillation for anomaly detection (KDAD).")
+    p = OneLineParser(description="Multiresolution knowledge distillation for anomaly detection (KDAD).")
     g = p.add_argument_group("what to train")
     g.add_argument("--backbone", required=True, choices=["vgg", "vit"])
     g.add_argument("--cls", required=True, help="normal class: index 0-9, name (e.g. cat), or all")
@@ -143,9 +142,14 @@ def prepare_run_dir(run: Path, settings: dict, resume: bool, overwrite: bool):
     old = read_json(run / "config.json")["settings"]
     differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
     if not resume:
-        what = f"a run of another configuration ({', '.join(differ)} differ)" if differ else "a run"
-        raise RunError(f"{run} already holds {what}: add --resume to continue it, --overwrite to replace it, "
-                       f"or choose another --out")
+        if differ:
+            raise RunError(f"{run} already holds a run of another configuration ({', '.join(differ)} differ): "
+                           f"choose another --out, or --overwrite to replace it")
+        if (run / "results.json").exists():
+            raise RunError(f"{run} already holds this finished run (results.json): evaluate.py re-evaluates it, "
+                           f"--overwrite trains it again")
+        raise RunError(f"{run} already holds this run, unfinished: add --resume to continue it, or --overwrite "
+                       f"to start again")
     if differ:
         raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
                        f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
@@ -260,7 +264,10 @@ class Snapshots:
         self.state = {"epoch": 0, "step": 0, "history": [], "best": None, "rng": None}
 
     def load(self):
-        saved = torch.load(self.path, map_location=self.device, weights_only=True)
+        try:
+            saved = torch.load(self.path, map_location=self.device, weights_only=True)
+        except Exception as e:  # not written by this code: a finished state.pt is never half-written
+            raise RunError(f"{self.path} is unreadable ({type(e).__name__}): use --overwrite to start again") from None
         self.student.load_state_dict(saved["student"])
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
@@ -360,9 +367,12 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                  "data_root": str(Path(args.data_root).resolve()),
                  "teacher_sha256": teacher_info["sha256"], "optimizer": args.optimizer.__name__}
     prepare_run_dir(run, settings, args.resume, args.overwrite)
-    if args.resume and (run / "results.json").exists() and read_json(run / "results.json")["epochs"] >= args.epochs:
-        raise RunError(f"{run} already finished {args.epochs} epochs (results.json): nothing to resume; "
-                       f"raise --epochs to train on, or use --overwrite")
+    if args.resume and (run / "results.json").exists():
+        done = read_json(run / "results.json")
+        if done["epochs"] >= args.epochs:
+            print(f"class {done['cls']} ({done['class_name']}) already finished {done['epochs']} epochs: test AUROC "
+                  f"{done['test_auroc']:.4f} ({run}/results.json; --overwrite trains it again)")
+            return done
     print(data.summary())
     config = {"settings": settings, "teacher": teacher_info, "taps": asdict(taps_for(args.backbone, teacher)),
               "student": asdict(make_student(args.backbone, teacher).cfg),
@@ -391,6 +401,23 @@ def describe(teacher) -> str:
     return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
 
 
+def prepare_teacher(args, device):
+    """Resolve, load and describe the teacher; returns (teacher, its identity for config.json, a short name)."""
+    name = args.teacher or DEFAULT_TEACHER[args.backbone]
+    path, short = resolve_teacher(name, args.cache_dir)
+    teacher = load_teacher(path, args.backbone, args.image_size).to(device)
+    if args.backbone == "vgg":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    info = {"name": name, "path": str(Path(path).resolve()), "sha256": sha256(path),
+            "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
+            "label_leak": name == "vit-b16-cifar10"}
+    print(f"teacher: {name}" + (f" ({PRESETS[name].note})" if name in PRESETS else "") + f": {describe(teacher)}")
+    if info["label_leak"]:
+        print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
+              f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
+    return teacher, info, short
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -398,29 +425,15 @@ def main(argv=None) -> int:
         precision = pick_precision(args.precision, device)
         if precision == "bf16":  # fp32 stays true fp32; with bf16 autocast, let the remaining fp32 matmuls use TF32
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        name = args.teacher or DEFAULT_TEACHER[args.backbone]
-        path, short = resolve_teacher(name, args.cache_dir)
-        teacher = load_teacher(path, args.backbone, args.image_size).to(device)
-        if args.backbone == "vgg":
-            teacher = teacher.to(memory_format=torch.channels_last)
-        label_leak = name == "vit-b16-cifar10"
-        teacher_info = {"name": name, "path": str(Path(path).resolve()), "sha256": sha256(path),
-                        "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
-                        "label_leak": label_leak}
-        print(f"teacher: {name} ({PRESETS[name].note if name in PRESETS else path}): {describe(teacher)}")
-        if label_leak:
-            print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
-                  f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
+        teacher, info, short = prepare_teacher(args, device)
         print(f"device: {device}, precision: {precision}")
         source = open_source(args.data_dir, args.data_root, args.image_size)
-        classes = range(len(source.classes)) if args.cls == "all" else [args.cls]
-        base = Path(args.out or f"runs/{args.backbone}-{short}-{'all' if args.cls == 'all' else args.cls}-s{args.seed}")
-        runs = []
-        for cls in classes:
-            run = base / f"{cls}-{source.classes[cls]}" if args.cls == "all" else base
-            run_class(args, source, cls, teacher, teacher_info, device, precision, run)
-            runs.append(run)
-        if args.cls == "all":
+        every = args.cls == "all"
+        base = Path(args.out or f"runs/{args.backbone}-{short}-{args.cls}-s{args.seed}")
+        runs = [base / f"{c}-{name}" for c, name in enumerate(source.classes)] if every else [base]
+        for cls, run in zip(range(len(source.classes)) if every else [args.cls], runs):
+            run_class(args, source, cls, teacher, info, device, precision, run)
+        if every:
             print(write_table(runs, base / "table"))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
@@ -428,6 +441,10 @@ def main(argv=None) -> int:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130 if str(e).startswith("interrupted") else 3
+    except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
+        print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

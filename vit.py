@@ -266,6 +266,9 @@ def _config_from_tensors(sd: dict, eps: float, mean_std) -> ViTConfig:
     n_pos = sd["pos_embed"].shape[1]
     prefix_free = math.isqrt(n_pos) ** 2 == n_pos  # pos_embed over the patches only (timm no_embed_class)
     grid = math.isqrt(n_pos if prefix_free else n_pos - 1 - registers)
+    if not prefix_free and grid ** 2 != n_pos - 1 - registers:
+        raise CheckpointError(f"position embedding has {n_pos} tokens: not a square grid of patches plus CLS and "
+                              f"{registers} registers, so no student can line up with it token for token")
     return ViTConfig(image_size=grid * patch, patch_size=patch, width=width, depth=_depth(sd, "blocks."),
                      heads=max(1, width // 64), mlp_width=sd["blocks.0.mlp.fc1.weight"].shape[0],
                      registers=registers, layer_scale="blocks.0.ls1.gamma" in sd, pos_embed_prefix=not prefix_free,
@@ -294,6 +297,8 @@ def load_vit(path, image_size: int | None = None, heads: int | None = None) -> V
         cfg = _config_from_tensors(sd, eps, mean_std)
     except KeyError as e:
         raise CheckpointError(f"{path}: {layout} ViT checkpoint misses tensor {e.args[0]}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if heads:
         cfg = replace(cfg, heads=heads)
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}

@@ -1,0 +1,323 @@
+"""Bad input gets one clear line and a non-zero exit; an interrupted run loses nothing and resumes exactly."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import evaluate
+import train
+from checkpoint import read_tensors
+from helpers import image_folder, save, torchvision_vit, vgg16_file, vit_teacher_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
+            "vgg": vgg16_file(d / "vgg.safetensors"), "dir": d}
+
+
+def argv_for(files, out, backbone="vit", *extra, teacher=None, data=None, cls="bee"):
+    return ["--backbone", backbone, "--cls", cls, "--teacher", str(teacher or files[backbone]),
+            "--data-dir", str(data or files["data"]), "--image-size", "32", "--epochs", "1", "--batch-size", "8",
+            "--out", str(out), *extra]
+
+
+def cli(argv) -> int:
+    try:
+        return train.main(argv)
+    except SystemExit as e:  # argparse errors exit from inside parse_args
+        return e.code
+
+
+def fails(capsys, argv, *fragments, code=2, main=cli):
+    """The command exits with `code` and its last stderr line is one clear message holding every fragment."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    for f in fragments:
+        assert f in last, last
+    return last
+
+
+## --------------------------------------------------------------------------------------------------------
+## Teacher files.
+
+def teacher_case(files, kind) -> Path:
+    d = files["dir"] / "bad"
+    d.mkdir(exist_ok=True)
+    path = d / f"{kind}.safetensors"
+    if kind == "random":
+        path.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "pickle":
+        torch.save(torchvision_vit().state_dict(), path)
+    elif kind == "html":
+        path.write_text("<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head></html>\n" * 30)
+    elif kind == "truncated":
+        data = Path(files["vit"]).read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif kind == "resnet":
+        save(torchvision.models.resnet18().state_dict(), path)
+    elif kind == "width":  # width 132 splits into 2 heads of 66, but not into the student's 8 heads
+        save(torchvision_vit(hidden_dim=132, num_heads=2).state_dict(), path)
+    elif kind == "tokens":  # 18 position embeddings: no square grid of patches plus CLS
+        sd = torchvision_vit().state_dict()
+        sd["encoder.pos_embedding"] = torch.zeros(1, 18, 128)
+        save(sd, path)
+    elif kind == "nan":
+        sd = torchvision_vit().state_dict()
+        sd["encoder.layers.encoder_layer_0.mlp.0.weight"][3, 3] = float("inf")
+        save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, backbone, fragments", [
+    ("missing", "vit", ["teacher not found", "neither a file nor a preset"]),
+    ("random", "vit", ["not a safetensors file", "check the path or download it again"]),
+    ("pickle", "vit", ["PyTorch pickle", "python checkpoint.py convert"]),
+    ("html", "vgg", ["HTML/XML page", "failed download"]),
+    ("truncated", "vit", ["truncated", "download it again"]),
+    ("resnet", "vit", ["not a ViT checkpoint"]),
+    ("resnet", "vgg", ["not a VGG16 checkpoint"]),
+    ("width", "vit", ["width 132 cannot be split into 8 student heads"]),
+    ("tokens", "vit", ["18 tokens", "not a square grid"]),
+    ("nan", "vit", ["non-finite values", "encoder_layer_0.mlp.0.weight"]),
+])
+def test_bad_teacher_files(files, tmp_path, capsys, kind, backbone, fragments):
+    path = tmp_path / "nope.safetensors" if kind == "missing" else teacher_case(files, kind)
+    line = fails(capsys, argv_for(files, tmp_path / "r", backbone, teacher=path), *fragments)
+    assert line.startswith("error: ")
+
+
+def test_teacher_of_the_wrong_family(files, tmp_path, capsys):
+    fails(capsys, argv_for(files, tmp_path / "a", "vit", teacher=files["vgg"]), "VGG checkpoint, not a ViT",
+          "--backbone vgg")
+    fails(capsys, argv_for(files, tmp_path / "b", "vgg", teacher=files["vit"]), "ViT checkpoint, not VGG16",
+          "--backbone vit")
+
+
+def test_image_size_not_a_multiple_of_the_patch(files, tmp_path, capsys):
+    argv = argv_for(files, tmp_path / "r") + ["--image-size", "36"]
+    fails(capsys, argv, "image size 36 is not a multiple of the teacher's patch size 8", "--image-size 32")
+
+
+## --------------------------------------------------------------------------------------------------------
+## Data.
+
+def test_data_folder_problems(files, tmp_path, capsys):
+    fails(capsys, argv_for(files, tmp_path / "r", data=tmp_path / "absent"), "data folder not found", "--data-dir")
+    (tmp_path / "empty").mkdir()
+    fails(capsys, argv_for(files, tmp_path / "r", data=tmp_path / "empty"), "has no train/ folder")
+    no_test = tmp_path / "no_test"
+    shutil.copytree(Path(files["data"]) / "train", no_test / "train")
+    fails(capsys, argv_for(files, tmp_path / "r", data=no_test), "has no test/ folder")
+    (no_test / "test" / "bee").mkdir(parents=True)
+    fails(capsys, argv_for(files, tmp_path / "r", data=no_test), "class 'bee' has no images in test/")
+    (tmp_path / "no_classes" / "train").mkdir(parents=True)
+    (tmp_path / "no_classes" / "test").mkdir()
+    fails(capsys, argv_for(files, tmp_path / "r", data=tmp_path / "no_classes"), "has no class folders")
+
+
+def test_bad_class(files, tmp_path, capsys):
+    fails(capsys, argv_for(files, tmp_path / "r", cls="horse"), "no class 'horse'", "0=ant, 1=bee, 2=cow")
+    fails(capsys, argv_for(files, tmp_path / "r", cls="10"), "no class '10'", "index 0-2")
+
+
+def test_unreadable_and_non_image_files_are_skipped_with_a_count(files, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(files["data"], data)
+    (data / "train" / "bee" / "notes.txt").write_text("not an image")
+    (data / "train" / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    assert cli(argv_for(files, tmp_path / "r", data=data)) == 0
+    captured = capsys.readouterr()
+    assert "train: skipped 1 files that are not images" in captured.err
+    assert "train: skipped 1 unreadable image files" in captured.err
+    assert "train 27 normal images" in captured.out  # 30 readable bee images, 10% held out
+
+
+def test_limit_too_small(files, tmp_path, capsys):
+    fails(capsys, argv_for(files, tmp_path / "r") + ["--limit", "1"], "--limit at least 2")
+
+
+## --------------------------------------------------------------------------------------------------------
+## Settings.
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-4"), ("--lr", "0"),
+                                         ("--image-size", "0")])
+def test_non_positive_settings(files, tmp_path, capsys, flag, value):
+    fails(capsys, argv_for(files, tmp_path / "r") + [flag, value], f"{flag} must be positive")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(files, tmp_path, capsys):
+    fails(capsys, argv_for(files, tmp_path / "r") + ["--device", "cuda"], "no usable CUDA GPU", "--device cpu")
+
+
+def test_bad_choice_is_one_line(files, tmp_path, capsys):
+    fails(capsys, ["--backbone", "resnet", "--cls", "3"], "invalid choice: 'resnet'", "--help")
+
+
+## --------------------------------------------------------------------------------------------------------
+## Run folders.
+
+def test_existing_run_folder_is_not_clobbered(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out)) == 0
+    results = (out / "results.json").read_bytes()
+    fails(capsys, argv_for(files, out) + ["--lr", "1e-4"], "another configuration (lr differ)", "--overwrite")
+    fails(capsys, argv_for(files, out), "this finished run", "--overwrite trains it again")
+    assert (out / "results.json").read_bytes() == results
+    assert cli(argv_for(files, out, "vit", "--resume")) == 0  # finished: reports, changes nothing
+    assert "already finished 1 epochs" in capsys.readouterr().out
+    assert (out / "results.json").read_bytes() == results
+    assert cli(argv_for(files, out) + ["--lr", "1e-4", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["lr"] == 1e-4
+    fails(capsys, argv_for(files, tmp_path / "new", "vit", "--resume"), "nothing to resume")
+
+
+def test_unfinished_run_asks_for_resume(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    interrupt_at(monkeypatch, 3)
+    assert cli(argv_for(files, out, "vit", "--batch-size", "4")) == 130
+    monkeypatch.undo()
+    fails(capsys, argv_for(files, out, "vit", "--batch-size", "4"), "unfinished", "--resume")
+
+
+## --------------------------------------------------------------------------------------------------------
+## Interruptions.
+
+def interrupt_at(monkeypatch, call: int):
+    """Deliver a real SIGINT to this process just before training step number `call` (1-based)."""
+    real, count = train.train_step, {"n": 0}
+
+    def step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step)
+
+
+def weights(run):
+    return read_tensors(Path(run) / "student.safetensors")
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "vgg"])
+def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch, backbone):
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 27 images: 7 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", backbone, *extra)) == 0
+    out = tmp_path / "stopped"
+    interrupt_at(monkeypatch, 10)  # epoch 2, step 3
+    last = fails(capsys, argv_for(files, out, backbone, *extra), "interrupted at epoch 2, step 3",
+                 "saved a resumable state", "--resume", code=130)
+    assert str(out / "state.pt") in last
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    assert cli(argv_for(files, out, backbone, *extra, "--resume")) == 0
+    assert same_weights(weights(tmp_path / "straight"), weights(out))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    real, count = train.train_step, {"n": 0}
+
+    def step(kdad, opt, amp, idx, x, cache=None):
+        count["n"] += 1
+        loss = real(kdad, opt, amp, idx, x, cache)
+        return loss * float("nan") if count["n"] >= 9 else loss  # epoch 2 (7 steps per epoch), step 2
+    monkeypatch.setattr(train, "train_step", step)
+    fails(capsys, argv_for(files, out, "vit", "--epochs", "3", "--batch-size", "4"),
+          "non-finite loss at epoch 2, step 2", "last good state (end of epoch 1)", code=3)
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values()
+                                       if v.is_floating_point())
+    assert not (out / "results.json").exists()
+
+
+def test_crash_while_saving_leaves_the_previous_state_intact(files, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out, "vit", "--epochs", "1")) == 0
+    before = (out / "state.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dying_save)
+    assert cli(argv_for(files, out, "vit", "--epochs", "2", "--resume")) == 130
+    assert (out / "state.pt").read_bytes() == before
+
+
+def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
+    """Ctrl-C ends the process with one line and a resumable state; SIGKILL at any moment leaves the last
+    state.pt loadable; --resume then gives exactly the weights of an uninterrupted run."""
+    out = tmp_path / "killed"
+    argv = [sys.executable, str(ROOT / "train.py"), *argv_for(files, out, "vit", "--batch-size", "2")]
+    argv[argv.index("--epochs") + 1] = "200"
+
+    def start_and_wait_for_epochs(n):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            log = out / "log.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= n:
+                return proc
+            time.sleep(0.02)
+        proc.kill()
+        pytest.fail("the run did not get going")
+
+    proc = start_and_wait_for_epochs(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().count("\n") == 0, err
+    assert "interrupted at epoch" in err and "--resume" in err
+
+    argv.append("--resume")
+    proc = start_and_wait_for_epochs(3)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    epoch = torch.load(out / "state.pt", weights_only=True)["epoch"]
+    assert epoch >= 3 - 1  # the state written before the kill is whole and loadable
+
+    # finish the killed run at epoch + 1 and compare with a run that was never interrupted
+    resume = argv_for(files, out, "vit", "--batch-size", "2", "--resume")
+    resume[resume.index("--epochs") + 1] = str(epoch + 1)
+    assert cli(resume) == 0
+    straight = argv_for(files, tmp_path / "straight", "vit", "--batch-size", "2")
+    straight[straight.index("--epochs") + 1] = str(epoch + 1)
+    assert cli(straight) == 0
+    assert same_weights(weights(out), weights(tmp_path / "straight"))
+
+
+## --------------------------------------------------------------------------------------------------------
+## evaluate.py.
+
+def test_evaluate_refuses_what_it_cannot_trust(files, tmp_path, capsys):
+    (tmp_path / "notarun").mkdir()
+    fails(capsys, [str(tmp_path / "notarun")], "not a run folder", main=evaluate.main)
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(files["vit"], teacher)
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out, teacher=teacher)) == 0
+    sd = read_tensors(teacher)
+    sd["class_token"] += 1
+    save(sd, teacher)
+    fails(capsys, [str(out)], "has changed since training", "sha256", main=evaluate.main)
+    fails(capsys, ["--table", str(tmp_path / "notarun")], "holds no finished run", main=evaluate.main)

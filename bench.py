@@ -119,7 +119,7 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
                              batches(images, order, aug, bs, prep, plain=not fast, workers=args.workers),
                              args.steps, device)
     row["train_peak_mib"] = mem["peak_mib"]
-    del cache
+    cache = None  # free it before scoring
 
     student.eval()
     with peak_memory(device, mem := {}), torch.inference_mode():

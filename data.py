@@ -78,8 +78,8 @@ class ImageFolder:
                 im = im.convert("RGB")
                 if im.width != im.height or im.width > self.load_size:  # square it: shorter side, center crop
                     s = self.load_size / min(im.size)
-                    im = im.resize((max(self.load_size, round(im.width * s)), max(self.load_size, round(im.height * s))),
-                                   Image.BILINEAR)
+                    w, h = (max(self.load_size, round(d * s)) for d in im.size)
+                    im = im.resize((w, h), Image.BILINEAR)
                     left, top = (im.width - self.load_size) // 2, (im.height - self.load_size) // 2
                     im = im.crop((left, top, left + self.load_size, top + self.load_size))
                 return np.asarray(im)
@@ -307,12 +307,12 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
     (aug[j] belongs to image order[j]). plain=True takes the reference code's path: PIL, one image at a time."""
     starts = range(0, len(order), batch_size)
     if plain:
-        items = list(zip(order.tolist(), aug.top.tolist(), aug.left.tolist(), aug.flip.tolist()))
+        items = list(zip(order.tolist(), aug.top.tolist(), aug.left.tolist(), aug.flip.tolist(), strict=True))
         # its own generator: a DataLoader otherwise draws its worker seed from the global one, shifting dropout
         loader = torch.utils.data.DataLoader(PerImageDataset(images, prep), num_workers=workers,
                                              batch_sampler=[items[i:i + batch_size] for i in starts],
                                              generator=torch.Generator().manual_seed(0))
-        for i, x in zip(starts, loader):
+        for i, x in zip(starts, loader, strict=True):
             x = x.to(prep.mean.device)
             yield order[i:i + batch_size], (x.contiguous(memory_format=torch.channels_last) if prep.channels_last
                                             else x)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
 
 from checkpoint import CheckpointError, read_header
 from vgg import CLONER, VGG, load_vgg16
@@ -76,6 +77,47 @@ def distillation_loss(student_feats: list, teacher_feats: list, lam: float = LAM
 
 
 ## --------------------------------------------------------------------------------------------------------
+## Anomaly maps: where in the image the score comes from.
+##
+## For one tapped pair with L locations (H*W positions of a conv map, or the tokens of a ViT), both terms of the
+## score split exactly into per-location shares:
+##     1 - cos(s, t)      = sum_l [ 1/L - <s_l, t_l> / (|s| |t|) ]
+##     mean((s - t)^2)    = sum_l [ |s_l - t_l|^2 / (L * C) ]
+## so L * share_l is a "score density" whose mean over locations is the pair's score. The map of an image is the
+## sum over score taps of these densities, each upsampled to the image: its mean is the image's anomaly score
+## (exactly, for the integer upsampling factors of the recipes).
+
+def location_shares(s: torch.Tensor, t: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """(B, L) shares of one pair's score; s, t are (B, C, H, W) (L = H*W) or (B, N, D) (L = N tokens).
+    A share can be negative: where student and teacher agree strongly, that place pulls the score down."""
+    s, t = s.float(), t.float()
+    if s.dim() == 4:
+        s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, L, C)
+    B, L, C = s.shape
+    norms = s.flatten(1).norm(dim=1) * t.flatten(1).norm(dim=1)           # (B,) = |s| |t|
+    direction = 1 / L - (s * t).sum(-1) / norms.clamp_min(1e-8)[:, None]  # (B, L)
+    value = (s - t).pow(2).sum(-1) / (L * C)                             # (B, L)
+    return direction + lam * value
+
+
+def anomaly_map(student_feats: list, teacher_feats: list, size: int, lam: float = LAMBDA, prefix: int = 0):
+    """(B, size, size) map whose mean over pixels is the anomaly score. For a ViT, the first `prefix` tokens
+    (CLS, registers) are not places in the image: their share is spread evenly over the patches."""
+    total = 0.0
+    for s, t in zip(student_feats, teacher_feats, strict=True):
+        shares = location_shares(s, t, lam)                        # (B, L)
+        if s.dim() == 4:
+            h, w = s.shape[-2:]
+        else:
+            glob, shares = shares[:, :prefix].sum(1, keepdim=True), shares[:, prefix:]
+            shares = shares + glob / shares.shape[1]                # global tokens: spread evenly
+            h = w = int(round(shares.shape[1] ** 0.5))
+        density = shares.view(-1, 1, h, w) * (h * w)                # mean over locations = this pair's score
+        total = total + F.interpolate(density, size=(size, size), mode="bilinear", align_corners=False)
+    return total[:, 0]
+
+
+## --------------------------------------------------------------------------------------------------------
 ## Teacher, student and taps together: what a training step and a scoring pass do with a batch of images.
 
 class KDAD:
@@ -91,6 +133,24 @@ class KDAD:
         if teacher_feats is None:
             teacher_feats = self.teacher_features(x, self.taps.train_teacher)
         return distillation_loss(tapped(self.student(x), self.taps.train_student), teacher_feats, self.lam)
+
+    def anomaly_map(self, x) -> torch.Tensor:
+        """(B, S, S) mismatch map over the score taps for a preprocessed batch x of size S; mean = score."""
+        prefix = 1 + self.teacher.cfg.registers if hasattr(self.teacher.cfg, "registers") else 0
+        s = tapped(self.student(x), self.taps.score_student)
+        return anomaly_map(s, self.teacher_features(x, self.taps.score_teacher), x.shape[-1], self.lam, prefix)
+
+    def gradient_map(self, x, sigma: float = 4.0) -> torch.Tensor:
+        """The paper's localisation: |d score / d pixel| (largest over colour channels), Gaussian-smoothed.
+        Gradients flow through both networks, as in the paper's code."""
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            s = tapped(self.student(x), self.taps.score_student)
+            t = tapped(self.teacher(x), self.taps.score_teacher)
+            (grad,) = torch.autograd.grad(anomaly_score(s, t, self.lam).sum(), x)
+        g = grad.abs().amax(dim=1, keepdim=True)                     # (B, 1, S, S)
+        k = 2 * int(3 * sigma) + 1
+        return gaussian_blur(g, kernel_size=[k, k], sigma=[sigma, sigma])[:, 0]
 
     def score(self, x, train_taps: bool = False) -> torch.Tensor:
         """Per-image anomaly score (B,); train_taps=True gives the per-image training loss instead."""

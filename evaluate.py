@@ -5,6 +5,7 @@ anomalous images (label 1) as the positive class. An AUROC of 0.5 is chance, 1.0
 
     python evaluate.py runs/vit-vit-b16-cifar10-cat-s0            # recompute val/test AUROC from the saved student
     python evaluate.py runs/vit-... --plots                        # and draw the figures (needs matplotlib)
+    python evaluate.py runs/vgg-... --plots --maps gradient        # with the paper's gradient maps
     python evaluate.py --table runs/vit-*-s0 runs/vit-*-s1         # per-class table (mean +- std over seeds)
 
 train.py uses `score_images` and `auroc` from here, so training-time and after-the-fact numbers come from the
@@ -24,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from checkpoint import CheckpointError, check_state_dict, read_tensors, sha256
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress
 from distill import KDAD, load_teacher, make_student, taps_for
+from plots import PlotError, draw_run, table_png
 
 # published per-class test AUROC (%) of shared/docs/method.md, classes 0..9
 PUBLISHED = {
@@ -140,7 +142,9 @@ def load_run(run_dir, device, precision=None):
     return cfg, kdad, data, prep, autocast(device, precision or s["precision"])
 
 
-def evaluate_run(run_dir, device, precision=None, plots=False, batch_size=256) -> dict:
+def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) -> dict:
+    """Recompute val/test AUROC of a finished run and print them beside results.json's; plots = None, "mismatch"
+    or "gradient" (the kind of anomaly map drawn)."""
     cfg, kdad, data, prep, amp = load_run(run_dir, device, precision)
     plain = cfg["settings"].get("plain", False)
     val = score_images(kdad, data.val, prep, amp, batch_size, plain=plain)
@@ -150,8 +154,7 @@ def evaluate_run(run_dir, device, precision=None, plots=False, batch_size=256) -
     for k, v in out.items():
         print(f"{k}: {v:.4f}" + (f"  (results.json: {saved[k]:.4f})" if k in saved else ""))
     if plots:
-        import plots as plots_module  # matplotlib is optional: only needed here
-        plots_module.draw_run(Path(run_dir), cfg, kdad, data, prep, amp, val, test)
+        draw_run(Path(run_dir), cfg, kdad, data, prep, amp, test, out["test_auroc"], plots)
     return out
 
 
@@ -199,7 +202,8 @@ def table(paths) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
-def write_table(paths, out_prefix) -> str:
+def write_table(paths, out_prefix, chart=True) -> str:
+    """Write the table as .md and .csv (and, with matplotlib, a bar chart against the published numbers)."""
     md, rows = table(paths)
     out = Path(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,6 +212,11 @@ def write_table(paths, out_prefix) -> str:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if chart:
+        try:
+            table_png(out.with_suffix(".png"), rows, "published (shared/docs/method.md)")
+        except PlotError as e:
+            print(f"note: no bar chart ({e})")
     return md
 
 
@@ -216,7 +225,11 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folder(s) written by train.py")
     p.add_argument("--table", action="store_true", help="print and write the per-class table of the runs")
     p.add_argument("--table-out", default="table", help="path prefix of the table's .md and .csv (default: table)")
-    p.add_argument("--plots", action="store_true", help="write ROC, histogram, anomaly-map and training-curve PNGs")
+    p.add_argument("--plots", action="store_true", help="write ROC, histogram, anomaly-map and training-curve PNGs "
+                                                        "into the run folder (needs matplotlib)")
+    p.add_argument("--maps", choices=["mismatch", "gradient"], default="mismatch",
+                   help="anomaly maps: student/teacher mismatch per location (default), or the paper's gradient "
+                        "of the score with respect to the pixels, smoothed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: the run's own precision")
     p.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default: 256)")
@@ -229,8 +242,8 @@ def main(argv=None):
         device = pick_device(args.device)
         for run in args.runs:
             print(f"{run}:")
-            evaluate_run(run, device, args.precision, args.plots, args.batch_size)
-    except (RunError, CheckpointError, DataError) as e:
+            evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)
+    except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

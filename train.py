@@ -183,7 +183,7 @@ def feature_cache(kdad: KDAD, images, prep, amp, batch_size, device, precision):
     n = (len(images) + batch_size - 1) // batch_size
     for idx, x in progress(batches(images, order, center(len(images), prep.size), batch_size, prep), n, "caching"):
         with amp():
-            for c, f in zip(cache, kdad.teacher_features(x, kdad.taps.train_teacher)):
+            for c, f in zip(cache, kdad.teacher_features(x, kdad.taps.train_teacher), strict=True):
                 c[idx.to(c.device)] = f.to(c.device, dtype)
     return cache
 
@@ -291,6 +291,18 @@ class Snapshots:
             torch.cuda.set_rng_state(self.state["rng"]["cuda"].cpu(), self.device)
 
 
+def validate(args, kdad, data, prep, amp) -> dict:
+    """End-of-epoch figures: the loss on held-out normal images (no labels needed), and, only for
+    --select val-auroc, the validation AUROC (which uses the validation images' anomaly labels)."""
+    normal = data.val[data.val_labels == 0]
+    out = {"val_normal_loss": score_images(kdad, normal, prep, amp, args.eval_batch_size, train_taps=True,
+                                           plain=args.plain).mean().item()}
+    if args.select == "val-auroc":
+        scores = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
+        out["val_auroc"] = auroc(scores, data.val_labels.cpu())
+    return out
+
+
 def fit(args, data, teacher, device, precision, run: Path) -> dict:
     """Train for args.epochs, select the model (final epoch unless --select val-auroc), save it; returns the
     training figures for results.json. Stop is raised, with what was kept, on Ctrl-C or a non-finite loss."""
@@ -302,40 +314,43 @@ def fit(args, data, teacher, device, precision, run: Path) -> dict:
     cache = None
     if not (args.augment or args.no_cache or args.plain):
         cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, precision)
-    normal_val = data.val[data.val_labels == 0]
-    history = snaps.state["history"]
-    stop = {"requested": False}
+    history, stop = snaps.state["history"], {"requested": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
     try:
         for epoch in range(snaps.state["epoch"], args.epochs):
             snaps.seed_epoch(args.seed, epoch)
             try:
                 loss, speed = train_epoch(kdad, opt, data, prep, amp, args, epoch, snaps.state["step"], cache, stop,
-                                          lambda step: snaps.save(epoch, step))
+                                          lambda step, e=epoch: snaps.save(e, step))
             except Stop as e:
-                resume = "; continue it with the same command and --resume"
-                kept = (f"saved a resumable state in {snaps.path}{resume}" if stop["requested"] else
-                        f"the last good state (end of epoch {snaps.state['epoch']}) is kept in {snaps.path}{resume}"
-                        if snaps.path.exists() else "nothing was saved yet")
-                raise Stop(f"{e}; {kept}") from None
+                raise Stop(f"{e}; {what_was_kept(snaps, stop['requested'])}") from None
             sched.step()
             record = {"epoch": epoch + 1, "loss": loss, "images_per_s": speed, "lr": opt.param_groups[0]["lr"],
-                      "val_normal_loss": score_images(kdad, normal_val, prep, amp, args.eval_batch_size,
-                                                      train_taps=True, plain=args.plain).mean().item()}
-            if args.select == "val-auroc":
-                record["val_auroc"] = auroc(score_images(kdad, data.val, prep, amp, args.eval_batch_size,
-                                                         plain=args.plain), data.val_labels.cpu())
-                if snaps.state["best"] is None or record["val_auroc"] > snaps.state["best"]["val_auroc"]:
-                    snaps.state["best"] = {"epoch": epoch + 1, "val_auroc": record["val_auroc"]}
-                    save_tensors(student.state_dict(), run / "best.safetensors")
+                      **validate(args, kdad, data, prep, amp)}
+            best = snaps.state["best"]
+            if "val_auroc" in record and (best is None or record["val_auroc"] > best["val_auroc"]):
+                snaps.state["best"] = {"epoch": epoch + 1, "val_auroc": record["val_auroc"]}
+                save_tensors(student.state_dict(), run / "best.safetensors")
             history.append(record)
             snaps.save(epoch + 1, 0)
             write_atomic(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val-normal-loss {record['val_normal_loss']:.4f}"
-                  f"  {speed:7.1f} img/s" + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
+            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val-normal-loss "
+                  f"{record['val_normal_loss']:.4f}  {speed:7.1f} img/s"
+                  + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
     finally:
         signal.signal(signal.SIGINT, previous)
     return finish(args, kdad, student, data, prep, amp, run, history, snaps.state["best"])
+
+
+def what_was_kept(snaps: Snapshots, interrupted: bool) -> str:
+    resume = "; continue it with the same command and --resume"
+    if interrupted:
+        return f"saved a resumable state in {snaps.path}{resume}"
+    if snaps.path.exists():
+        e, step = snaps.state["epoch"], snaps.state["step"]
+        where = f"epoch {e + 1}, step {step}" if step else f"end of epoch {e}"
+        return f"the last good state ({where}) is kept in {snaps.path}{resume}"
+    return "nothing was saved yet"
 
 
 def finish(args, kdad, student, data, prep, amp, run, history, best) -> dict:
@@ -431,7 +446,7 @@ def main(argv=None) -> int:
         every = args.cls == "all"
         base = Path(args.out or f"runs/{args.backbone}-{short}-{args.cls}-s{args.seed}")
         runs = [base / f"{c}-{name}" for c, name in enumerate(source.classes)] if every else [base]
-        for cls, run in zip(range(len(source.classes)) if every else [args.cls], runs):
+        for cls, run in zip(range(len(source.classes)) if every else [args.cls], runs, strict=True):
             run_class(args, source, cls, teacher, info, device, precision, run)
         if every:
             print(write_table(runs, base / "table"))

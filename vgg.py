@@ -39,11 +39,11 @@ CLONER = VGGConfig(widths=[16, 16, "M", 16, 128, "M", 16, 16, 256, "M", 16, 16, 
 
 
 class VGG(nn.Module):
-    def __init__(self, cfg: VGGConfig = VGGConfig()):
+    def __init__(self, cfg: VGGConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or VGGConfig()
         layers, c_in = [], 3
-        for w, nxt in zip(cfg.widths, cfg.widths[1:] + ["M"]):
+        for w, nxt in zip(cfg.widths, cfg.widths[1:] + ["M"], strict=True):
             if w == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 continue

@@ -128,9 +128,9 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, cfg: ViTConfig = ViTConfig()):
+    def __init__(self, cfg: ViTConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or ViTConfig()
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.reg_token = nn.Parameter(torch.zeros(1, cfg.registers, cfg.width)) if cfg.registers else None
@@ -315,8 +315,9 @@ def with_image_size(model: ViT, image_size: int) -> ViT:
     """The same network for another input size: the position embedding is resampled to the new grid."""
     cfg = model.cfg
     if image_size % cfg.patch_size:
+        fit = image_size // cfg.patch_size * cfg.patch_size
         raise CheckpointError(f"image size {image_size} is not a multiple of the teacher's patch size "
-                              f"{cfg.patch_size}; use e.g. --image-size {image_size // cfg.patch_size * cfg.patch_size}")
+                              f"{cfg.patch_size}; use e.g. --image-size {fit}")
     new = ViT(replace(cfg, image_size=image_size))
     sd = model.state_dict()
     prefix = 1 + cfg.registers if cfg.pos_embed_prefix else 0

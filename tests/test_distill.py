@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distill import anomaly_score, distillation_loss, vgg_taps, vit_taps
+from distill import anomaly_map, anomaly_score, distillation_loss, vgg_taps, vit_taps
 
 
 def pair_layers():
@@ -65,3 +65,48 @@ def test_taps():
         assert taps[-1] == depth and list(taps) == sorted(taps) and taps[0] >= 1
         assert max(taps[i + 1] - taps[i] for i in range(3)) - min(taps[i + 1] - taps[i] for i in range(3)) <= 1
     assert math.isclose(vit_taps(24).train_teacher[0], 6)
+
+
+## Anomaly maps: the per-image score is the mean of the map.
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_conv_map_shape_and_agreement_with_the_score(size):
+    torch.manual_seed(0)
+    s = [torch.randn(3, 8, 8, 8), torch.randn(3, 16, 4, 4), torch.randn(3, 16, 2, 2)]  # like pools 3-5 at 64 px
+    t = [x + torch.randn_like(x) for x in s]
+    m = anomaly_map(s, t, size, lam=0.01)
+    assert m.shape == (3, size, size)
+    torch.testing.assert_close(m.mean(dim=(1, 2)), anomaly_score(s, t, lam=0.01), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", [1, 5])
+def test_vit_map_spreads_global_tokens_and_agrees_with_the_score(prefix):
+    torch.manual_seed(1)
+    s = [torch.randn(2, prefix + 16, 24) for _ in range(3)]  # (B, CLS + registers + 4x4 patches, D)
+    t = [x + 0.5 * torch.randn_like(x) for x in s]
+    m = anomaly_map(s, t, 32, lam=0.01, prefix=prefix)
+    assert m.shape == (2, 32, 32)
+    torch.testing.assert_close(m.mean(dim=(1, 2)), anomaly_score(s, t, lam=0.01), rtol=1e-5, atol=1e-6)
+    # a student that gets one patch token backwards lights up that patch's 8x8 square of the image
+    t2 = [x.clone() for x in s]
+    for x in t2:
+        x[:, prefix + 5] *= -3  # patch 5 = row 1, column 1 of the 4x4 grid
+    hot = anomaly_map(s, t2, 32, prefix=prefix)[0]
+    assert hot[8:16, 8:16].mean() > 5 * hot[24:, 24:].abs().mean()
+
+
+def test_kdad_maps_on_real_networks():
+    from distill import KDAD, make_student, taps_for
+    from vgg import VGG
+    from vit import ViT, ViTConfig
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for backbone, teacher in (("vit", ViT(ViTConfig(image_size=32, patch_size=8, width=64, depth=4, heads=1,
+                                                    mlp_width=64, registers=2)).eval()), ("vgg", VGG().eval())):
+        kdad = KDAD(teacher, make_student(backbone, teacher).eval(), taps_for(backbone, teacher))
+        with torch.no_grad():
+            m, score = kdad.anomaly_map(x), kdad.score(x)
+        assert m.shape == (2, 32, 32)
+        torch.testing.assert_close(m.mean(dim=(1, 2)), score, rtol=1e-4, atol=1e-5)
+        g = kdad.gradient_map(x)
+        assert g.shape == (2, 32, 32) and (g >= 0).all() and g.sum() > 0

@@ -167,7 +167,7 @@ def test_feature_cache_holds_the_teacher_features(files):
                                 torch.device("cpu"), "fp32")
     direct = kdad.teacher_features(prep(images, center(5, 32)), kdad.taps.train_teacher)
     assert [c.shape for c in cache] == [d.shape for d in direct]
-    assert all(torch.allclose(c, d, rtol=1e-5, atol=1e-6) for c, d in zip(cache, direct))
+    assert all(torch.allclose(c, d, rtol=1e-5, atol=1e-6) for c, d in zip(cache, direct, strict=True))
 
 
 def test_compiled_run_saves_plain_keys(files, tmp_path, monkeypatch):

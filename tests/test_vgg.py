@@ -37,7 +37,7 @@ def test_vgg16_matches_torchvision_pools(tmp_path, reference, layout):
             if isinstance(layer, torch.nn.MaxPool2d):
                 pools.append(h)
     assert len(ours) == len(pools) == 5
-    worst = max(relative_diff(a, b) for a, b in zip(ours, pools))
+    worst = max(relative_diff(a, b) for a, b in zip(ours, pools, strict=True))
     print(f"VGG16 {layout}: max relative difference over the 5 pool outputs = {worst:.2e}")
     assert worst < 1e-5
     assert [p.shape[1] for p in ours] == [64, 128, 256, 512, 512]

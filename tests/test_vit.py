@@ -13,7 +13,7 @@ def check_hidden(model, reference_hidden, x, label):
     with torch.no_grad():
         ours = model(x)
     assert len(ours) == len(reference_hidden)
-    worst = max(relative_diff(a, b) for a, b in zip(ours, reference_hidden))
+    worst = max(relative_diff(a, b) for a, b in zip(ours, reference_hidden, strict=True))
     print(f"{label}: max relative difference over {len(ours)} hidden states = {worst:.2e}")
     assert worst < TOL, f"{label}: {worst:.2e}"
 
@@ -73,7 +73,7 @@ def test_sdpa_equals_written_out_attention():
         fused = model(x)
         vit.set_fused_attn(model, False)
         manual = model(x)
-    worst = max(relative_diff(a, b) for a, b in zip(fused, manual))
+    worst = max(relative_diff(a, b) for a, b in zip(fused, manual, strict=True))
     print(f"SDPA vs written-out attention: {worst:.2e}")
     assert worst < TOL
 

@@ -219,7 +219,7 @@ def one_class_data(source, cls, seed=0, limit=None, val_fraction=0.1) -> OneClas
         return torch.from_numpy((y != label).astype(np.int64))
     val_y, test_y = as_labels(train_labels[val_idx]), as_labels(test_labels[test_idx])
     for name, y in (("validation", val_y), ("test", test_y)):
-        if y.min() == y.max():
+        if len(y) == 0 or y.min() == y.max():
             raise DataError(f"the {name} images are all of one kind (need normal and anomalous ones); "
                             f"check the folder or raise --limit")
     return OneClassData(label, source.classes[label], train, val, val_y, test, test_y)

@@ -103,3 +103,25 @@ def test_real_cifar10_folder():
     d = data.one_class_data(source, "cat", seed=0, limit=40)
     assert d.train.shape == (40, 3, 32, 32) and d.train.dtype == torch.uint8
     assert set(d.test_labels.tolist()) == {NORMAL, ANOMALOUS}
+
+
+def test_torchvision_cifar10_source(monkeypatch, tmp_path):
+    """The --data-root path: torchvision's CIFAR10 (stood in for here: the tests cannot download it)."""
+    import torchvision
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            n = 100 if train else 20
+            self.data = np.random.default_rng(int(train)).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = [i % 10 for i in range(n)]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    source = data.open_source(None, tmp_path, image_size=32)
+    d = data.one_class_data(source, "cat", seed=0)
+    assert d.class_name == "cat" and len(d.train) == 9 and d.train.shape[1:] == (3, 32, 32)
+    assert (d.test_labels == NORMAL).sum() == 2 and len(d.test) == 20
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DataError, match="could not get CIFAR-10 into .* without network, point --data-dir"):
+        data.open_source(None, tmp_path, image_size=32)

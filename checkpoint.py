@@ -121,12 +121,20 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def save_tensors(tensors: dict, path, metadata: dict | None = None):
-    """Write a .safetensors file atomically: a crash mid-write leaves any previous file untouched."""
+def write_atomically(path, write):
+    """write(tmp) writes the file under a temporary name; it is flushed to disk and then renamed over `path`, so
+    a crash or kill at any moment leaves either the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_tensors(tensors: dict, path, metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def convert_pickle(src, dst):
@@ -189,13 +197,13 @@ def default_cache() -> Path:
 
 
 def download(url: str, dst: Path, timeout: float = 30.0):
-    """Fetch url into dst via dst.part, so an interrupted download never looks like a finished file."""
+    """Fetch url into dst (through a temporary file: an interrupted download never looks like a finished one)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    part = dst.with_name(dst.name + ".part")
     print(f"downloading {url} -> {dst}")
     tty = sys.stderr.isatty()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+
+    def fetch(tmp: Path):
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             total, done = int(r.headers.get("Content-Length") or 0), 0
             for block in iter(lambda: r.read(1 << 20), b""):
                 f.write(block)
@@ -204,12 +212,13 @@ def download(url: str, dst: Path, timeout: float = 30.0):
                     print(f"\r  {done / 2**20:.0f} / {total / 2**20:.0f} MiB", end="", file=sys.stderr)
         if tty:
             print(file=sys.stderr)
+    try:
+        write_atomically(dst, fetch)
     except (urllib.error.URLError, OSError) as e:
-        part.unlink(missing_ok=True)
+        dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise CheckpointError(f"could not download {url} ({reason}); without network, download it elsewhere "
                               f"and pass the file with --teacher /path/to/model.safetensors") from None
-    os.replace(part, dst)
 
 
 def resolve_teacher(teacher: str, cache_dir=None) -> tuple[Path, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
-                        sha256)
+                        sha256, write_atomically)
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress, random_augment
 from distill import KDAD, load_teacher, make_student, taps_for
 from vit import set_fused_attn
@@ -92,8 +92,10 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "lr", "image_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lam < 0 or (args.limit is not None and args.limit < 2):
-        p.error("--lam must be >= 0 and --limit at least 2 (one normal and one anomalous test image)")
+    if args.lam < 0:
+        p.error(f"--lam must be >= 0, got {args.lam}")
+    if args.limit is not None and args.limit < 2:
+        p.error(f"--limit must be at least 2 (one normal and one anomalous test image), got {args.limit}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
     return args
@@ -102,16 +104,8 @@ def parse_args(argv=None):
 ## --------------------------------------------------------------------------------------------------------
 ## Run folder: what it holds, and refusing to clobber an existing one.
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_state(path: Path, state: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill at any moment leaves either the old or the new file, never half of one
+def write_text(path: Path, text: str):
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def code_version() -> dict:
@@ -278,8 +272,9 @@ class Snapshots:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         self.state |= {"epoch": epoch, "step": step, "rng": rng}
-        save_state(self.path, self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
-                                            "scheduler": self.sched.state_dict()})
+        state = self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
+                              "scheduler": self.sched.state_dict()}
+        write_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
     def seed_epoch(self, seed: int, epoch: int):
         """Dropout draws from the global generator: seed it per epoch, or restore it mid-epoch on resume."""
@@ -333,7 +328,7 @@ def fit(args, data, teacher, device, precision, run: Path) -> dict:
                 save_tensors(student.state_dict(), run / "best.safetensors")
             history.append(record)
             snaps.save(epoch + 1, 0)
-            write_atomic(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val-normal-loss "
                   f"{record['val_normal_loss']:.4f}  {speed:7.1f} img/s"
                   + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
@@ -392,7 +387,7 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     config = {"settings": settings, "teacher": teacher_info, "taps": asdict(taps_for(args.backbone, teacher)),
               "student": asdict(make_student(args.backbone, teacher).cfg),
               "code": code_version(), "torch": torch.__version__, "device": str(device)}
-    write_atomic(run / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text(run / "config.json", json.dumps(config, indent=2) + "\n")
     results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
                "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
                **fit(args, data.to(device), teacher, device, precision, run),
@@ -402,7 +397,7 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
         old = run / f"results-{read_json(run / 'results.json').get('epochs')}ep.json"
         os.replace(run / "results.json", old)
         print(f"kept the earlier results as {old}")
-    write_atomic(run / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"class {results['cls']} ({results['class_name']}): val AUROC {results['val_auroc']:.4f}  "
           f"test AUROC {results['test_auroc']:.4f}  ({results['seconds']:.0f} s)  -> {run}")
     return results

@@ -148,7 +148,7 @@ def test_unreadable_and_non_image_files_are_skipped_with_a_count(files, tmp_path
 
 
 def test_limit_too_small(files, tmp_path, capsys):
-    fails(capsys, argv_for(files, tmp_path / "r") + ["--limit", "1"], "--limit at least 2")
+    fails(capsys, argv_for(files, tmp_path / "r") + ["--limit", "1"], "--limit must be at least 2")
 
 
 ## --------------------------------------------------------------------------------------------------------

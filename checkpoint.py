@@ -75,17 +75,13 @@ def read_header(path) -> dict:
 
 
 def read_tensors(path) -> dict[str, torch.Tensor]:
-    """All tensors of a checked .safetensors file, on the CPU, floats as float32, all finite."""
+    """All tensors of a checked .safetensors file, on the CPU, floats as float32."""
     read_header(path)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # the header looked fine but the library still refuses it
         raise CheckpointError(f"{path} could not be read as safetensors ({e}): download it again") from None
-    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{path} has non-finite values (NaN/inf) in {_few(bad)}: the file is damaged")
-    return tensors
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
 
 
 def read_metadata(path) -> dict:
@@ -112,6 +108,13 @@ def check_state_dict(path, found: dict, expected: dict, what: str):
         raise CheckpointError(f"{path}: {what} checkpoint has tensors of the wrong shape: {_few(wrong, 3)}")
 
 
+def check_finite(path, tensors: dict):
+    """Refuse NaN/inf in the tensors that will be used (some files carry unused heads full of NaN)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} has non-finite values (NaN/inf) in {_few(bad)}: the file is damaged")
+
+
 def sha256(path) -> str:
     """Digest of a file, recorded in a run's config.json so evaluate.py can tell if the teacher changed."""
     h = hashlib.sha256()
@@ -130,6 +133,12 @@ def write_atomically(path, write):
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:  # and the rename itself (POSIX; elsewhere the OS does not let a folder be opened)
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None):
@@ -196,8 +205,9 @@ def default_cache() -> Path:
     return Path(os.environ.get("KDAD_CACHE", Path.home() / ".cache" / "kdad-vit"))
 
 
-def download(url: str, dst: Path, timeout: float = 30.0):
-    """Fetch url into dst (through a temporary file: an interrupted download never looks like a finished one)."""
+def download(url: str, dst: Path, check=None, timeout: float = 30.0):
+    """Fetch url into dst through a temporary file, so an interrupted download never looks like a finished one;
+    a short read or a failed check(tmp) (e.g. an error page instead of a model) keeps nothing."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {dst}")
     tty = sys.stderr.isatty()
@@ -212,40 +222,56 @@ def download(url: str, dst: Path, timeout: float = 30.0):
                     print(f"\r  {done / 2**20:.0f} / {total / 2**20:.0f} MiB", end="", file=sys.stderr)
         if tty:
             print(file=sys.stderr)
+        if total and done != total:  # a dropped connection can end the read early without an error
+            raise OSError(f"the connection closed after {done} of {total} bytes")
+        if check:
+            check(tmp)
     try:
         write_atomically(dst, fetch)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, CheckpointError) as e:
         dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise CheckpointError(f"could not download {url} ({reason}); without network, download it elsewhere "
                               f"and pass the file with --teacher /path/to/model.safetensors") from None
 
 
-def resolve_teacher(teacher: str, cache_dir=None) -> tuple[Path, str]:
-    """A local .safetensors path for a preset name, an http(s) address or a path; also a short name for it."""
+def cache_name(url: str, name: str) -> str:
+    """One cache file per address."""
+    return f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:10]}.safetensors"
+
+
+def resolve_teacher(teacher: str, cache_dir=None) -> tuple[Path, str, str | None]:
+    """(a local .safetensors path, a short name, the preset it is or None) for a preset name, an http(s) address
+    or a path. Presets and addresses are downloaded once into the cache; a damaged cached file is fetched again."""
     cache = Path(cache_dir) if cache_dir else default_cache()
-    if teacher in PRESETS:
-        url, name = preset_url(teacher), teacher
-    elif teacher.startswith(("http://", "https://")):
-        url, name = teacher, Path(teacher.split("?")[0]).stem
+    if teacher in PRESETS or teacher.startswith(("http://", "https://")):
+        url = preset_url(teacher) if teacher in PRESETS else teacher
+        preset = next((n for n in PRESETS if preset_url(n) == url), None)
+        name = preset or Path(url.split("?")[0]).stem
+        return fetch_into_cache(url, cache / cache_name(url, name)), name, preset
+    path = Path(teacher).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher not found: {teacher} is neither a file nor a preset ({', '.join(PRESETS)})")
+    preset = next((n for n in PRESETS if path.name == cache_name(preset_url(n), n)), None)  # a cached preset
+    return path, path.stem, preset
+
+
+def fetch_into_cache(url: str, dst: Path) -> Path:
+    if dst.is_file():
+        try:
+            read_header(dst)
+            return dst
+        except CheckpointError as e:
+            print(f"the cached teacher is damaged ({e}); downloading it again")
+            dst.unlink()
+    if url.split("?")[0].endswith((".bin", ".pth", ".pt")):  # a pickle: fetched, converted once, removed
+        raw = dst.with_suffix(".pickle")
+        download(url, raw)
+        convert_pickle(raw, dst)
+        raw.unlink()
     else:
-        path = Path(teacher).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"teacher not found: {teacher} is neither a file nor a preset "
-                                  f"({', '.join(PRESETS)})")
-        return path, path.stem
-    # one cache file per address; a pickle is downloaded, converted, and the pickle removed
-    key = hashlib.sha256(url.encode()).hexdigest()[:10]
-    dst = cache / f"{name}-{key}.safetensors"
-    if not dst.is_file():
-        if url.split("?")[0].endswith((".bin", ".pth", ".pt")):
-            raw = cache / f"{name}-{key}.pickle"
-            download(url, raw)
-            convert_pickle(raw, dst)
-            raw.unlink()
-        else:
-            download(url, dst)
-    return dst, name
+        download(url, dst, check=read_header)
+    return dst
 
 
 def main(argv=None):

@@ -318,8 +318,8 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
                                             else x)
         return
     for i in starts:
-        idx = order[i:i + batch_size].to(images.device)
-        yield idx, prep(images[idx], aug[i:i + batch_size])
+        idx = order[i:i + batch_size]  # stays on the CPU: a GPU would otherwise wait to hand it back for caches
+        yield idx, prep(images[idx.to(images.device)], aug[i:i + batch_size])
 
 
 def progress(iterable, total: int, label: str, every: float = 2.0):

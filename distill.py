@@ -10,7 +10,7 @@ the anomaly score. Each tapped pair (s, t) contributes, per image,
 with s and t flattened over everything but the batch. Training minimises the batch mean of that sum over the
 training taps; the score is the same sum, per image, over the score taps (shared/docs/method.md).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +162,9 @@ class KDAD:
 ## --------------------------------------------------------------------------------------------------------
 ## Teacher and student of each backbone.
 
-def load_teacher(path, backbone: str, image_size: int):
-    """The frozen teacher for --backbone, with its input mean/std in .cfg; a file of the other family is refused."""
+def load_teacher(path, backbone: str, image_size: int, mean=None, std=None):
+    """The frozen teacher for --backbone, with its input mean/std in .cfg (the layout's own unless given); a file
+    of the other family is refused."""
     keys = read_header(path).keys()
     is_vgg = any(k.startswith("features.") for k in keys)
     if backbone == "vit" and is_vgg:
@@ -173,6 +174,8 @@ def load_teacher(path, backbone: str, image_size: int):
     if backbone == "vgg" and image_size < 32:
         raise CheckpointError(f"--image-size {image_size} is too small for VGG16's five 2x2 pools: use 32 or more")
     teacher = load_vit(path, image_size) if backbone == "vit" else load_vgg16(path)
+    if mean is not None or std is not None:
+        teacher.cfg = replace(teacher.cfg, mean=tuple(mean or teacher.cfg.mean), std=tuple(std or teacher.cfg.std))
     return teacher.requires_grad_(False).eval()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from checkpoint import CheckpointError, check_state_dict, read_tensors, sha256
+from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress
 from distill import KDAD, load_teacher, make_student, taps_for
 from plots import PlotError, draw_run, table_png
@@ -51,17 +51,25 @@ class OneLineParser(argparse.ArgumentParser):
 def pick_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {name} but this machine has no usable CUDA GPU: use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise RunError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RunError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name} but this machine has no usable CUDA GPU: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0 .. "
+                       f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 only: CUDA compute capability 8.0+ (Ampere on), or a CPU with AVX-512 BF16. Older GPUs
+    (T4, V100) only emulate it, slower than fp32."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     return device.type == "cpu" and bool(is_bf16())
 
@@ -113,6 +121,7 @@ def read_json(path: Path) -> dict:
 def load_student(path: Path, student):
     sd = read_tensors(path)
     check_state_dict(path, sd, student.state_dict(), "student")
+    check_finite(path, sd)
     student.load_state_dict(sd)
     return student
 
@@ -128,11 +137,12 @@ def load_run(run_dir, device, precision=None):
         raise RunError(f"{run} has no student.safetensors: the run did not finish; continue it with "
                        f"train.py ... --resume --out {run}")
     if not Path(t["path"]).is_file():
-        raise RunError(f"teacher file {t['path']} of this run is gone: put it back (or pass --teacher-file)")
+        raise RunError(f"teacher file {t['path']} of this run is gone: put it back where it was")
     if sha256(t["path"]) != t["sha256"]:
         raise RunError(f"teacher file {t['path']} has changed since training (sha256 differs from config.json): "
                        f"restore the original file or train again")
-    teacher = load_teacher(t["path"], s["backbone"], s["image_size"]).to(device)
+    teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"])
+    teacher = teacher.to(device)
     student = load_student(run / "student.safetensors", make_student(s["backbone"], teacher)).to(device)
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
     source = open_source(s["data_dir"], s["data_root"], s["image_size"])
@@ -234,6 +244,8 @@ def main(argv=None):
     p.add_argument("--precision", choices=["bf16", "fp32"], help="default: the run's own precision")
     p.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default: 256)")
     args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        p.error(f"--batch-size must be positive, got {args.batch_size}")
     try:
         if args.table:
             print(write_table(args.runs, args.table_out))
@@ -245,6 +257,9 @@ def main(argv=None):
             evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
         return 2
     return 0
 

@@ -39,8 +39,9 @@ RECIPES = {
     "vit": dict(epochs=10, batch_size=128, lr=5e-5, optimizer=torch.optim.AdamW, milestones=[5], gamma=0.2,
                 augment=True),   # random crop + flip; AdamW with torch's default weight decay 0.01
 }
-RESULT_SETTINGS = ("backbone", "cls", "teacher_sha256", "batch_size", "lr", "lam", "image_size", "limit", "seed",
-                   "select", "precision", "plain", "data_dir", "data_root")  # what a resumed run must share
+RESULT_SETTINGS = ("backbone", "cls", "teacher_sha256", "teacher_mean", "teacher_std", "batch_size", "lr", "lam",
+                   "image_size", "limit", "seed", "select", "precision", "plain", "data_dir",
+                   "data_root")  # what a resumed run must share
 USER_ERRORS = (CheckpointError, DataError, RunError)
 
 
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     g.add_argument("--teacher", help=f"preset ({', '.join(PRESETS)}), http(s) address or .safetensors path "
                                      f"(default: {DEFAULT_TEACHER['vit']} for vit, {DEFAULT_TEACHER['vgg']} for vgg)")
     g.add_argument("--cache-dir", help="where presets are downloaded (default: $KDAD_CACHE or ~/.cache/kdad-vit)")
+    g.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input mean the teacher expects (default: its checkpoint family's)")
+    g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input std the teacher expects (default: its checkpoint family's)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="image folder with train/<class>/ and test/<class>/ (default: CIFAR-10)")
     g.add_argument("--data-root", default="./data", help="where torchvision's CIFAR-10 is downloaded (default: ./data)")
@@ -121,51 +126,76 @@ def code_version() -> dict:
     return {"git": git or None, "sources_sha256": h.hexdigest()[:16]}
 
 
-def prepare_run_dir(run: Path, settings: dict, resume: bool, overwrite: bool):
-    """Refuse to reuse a run folder silently: a different configuration, a finished or an unfinished run."""
+def prepare_run_dir(run: Path, settings: dict, resume: bool, overwrite: bool) -> bool:
+    """Refuse to reuse a run folder silently (a different configuration, a finished or an unfinished run);
+    returns whether there is a saved state to continue from."""
+    if run.exists() and not run.is_dir():
+        raise RunError(f"--out {run} is a file, not a folder: choose another --out")
     if not (run / "config.json").exists():
         if resume:
-            raise RunError(f"nothing to resume in {run} (no config.json): run without --resume")
+            print(f"nothing saved in {run} yet: starting this run from the beginning")
         run.mkdir(parents=True, exist_ok=True)
-        return
+        return False
     if overwrite:
         print(f"overwriting the run in {run} (--overwrite)")
         for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
             (run / f).unlink(missing_ok=True)
-        return
+        return False
     old = read_json(run / "config.json")["settings"]
     differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
+    if differ and not resume:
+        raise RunError(f"{run} already holds a run of another configuration ({', '.join(differ)} differ): "
+                       f"choose another --out, or --overwrite to replace it")
+    if differ:
+        raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
+                       f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
     if not resume:
-        if differ:
-            raise RunError(f"{run} already holds a run of another configuration ({', '.join(differ)} differ): "
-                           f"choose another --out, or --overwrite to replace it")
         if (run / "results.json").exists():
             raise RunError(f"{run} already holds this finished run (results.json): evaluate.py re-evaluates it, "
                            f"--overwrite trains it again")
         raise RunError(f"{run} already holds this run, unfinished: add --resume to continue it, or --overwrite "
                        f"to start again")
-    if differ:
-        raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
-                       f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
-    if not (run / "state.pt").exists():
-        raise RunError(f"nothing to resume in {run} (no state.pt): use --overwrite to start it again")
+    if not (run / "state.pt").exists():  # stopped before its first epoch ended: nothing to lose
+        print(f"no saved state in {run} yet: starting this run from the beginning")
+        return False
+    return True
+
+
+def keep_earlier(run: Path, epochs: int):
+    """Before --resume extends a finished run: keep its results and student under names of their own."""
+    for name in ("results.json", "student.safetensors"):
+        if (run / name).exists():
+            kept = run / name.replace(".", f"-{epochs}ep.", 1)
+            os.replace(run / name, kept)
+            print(f"kept the {epochs}-epoch {name} as {kept}")
 
 
 ## --------------------------------------------------------------------------------------------------------
 ## Teacher-feature cache (VGG recipe: no augmentation, so the frozen teacher gives the same features every epoch).
 
+def host_memory_available() -> int:
+    """Bytes the OS could give us now (Linux MemAvailable, counting reclaimable cache), else a sysconf guess."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        names = getattr(os, "sysconf_names", {})
+        if "SC_AVPHYS_PAGES" in names and "SC_PAGE_SIZE" in names:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return 0
+
+
 def feature_cache(kdad: KDAD, images, prep, amp, batch_size, device, precision):
-    """Teacher features of the training taps for every training image, computed once; None if they do not fit."""
+    """Teacher features of the training taps for every training image, computed once; None if they do not fit.
+    Stored in the dtype the teacher computes in (bf16 under bf16 autocast), so training on them is exact."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with amp():
         probe = kdad.teacher_features(prep(images[:1], center(1, prep.size)), kdad.taps.train_teacher)
-    per_image = sum(f[0].numel() for f in probe) * dtype.itemsize
-    need = per_image * len(images)
-    free_host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    free_dev = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else free_host
-    if need < 0.5 * free_dev:
+    need = sum(f[0].numel() for f in probe) * dtype.itemsize * len(images)
+    host = host_memory_available()
+    if need < 0.5 * (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host):
         where, pin = device, False
-    elif device.type == "cuda" and need < 0.5 * free_host:
+    elif device.type == "cuda" and need < 0.5 * host:
         where, pin = torch.device("cpu"), True
     else:
         print(f"teacher-feature cache: {need / 2**30:.1f} GiB does not fit; recomputing the teacher every step")
@@ -191,7 +221,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_step(kdad, opt, amp, idx, x, cache=None) -> torch.Tensor:
-    """One optimiser step on a preprocessed batch x (images idx); returns the loss, still on the device."""
+    """One optimiser step on a preprocessed batch x (images idx, on the CPU); returns the loss on the device."""
     with amp():
         teacher_feats = [c[idx.to(c.device)].to(x.device, non_blocking=True) for c in cache] if cache else None
         loss = kdad.loss(x, teacher_feats)
@@ -201,34 +231,43 @@ def train_step(kdad, opt, amp, idx, x, cache=None) -> torch.Tensor:
     return loss.detach()  # no .item() here: a GPU would wait for every step
 
 
-def train_epoch(kdad, opt, data, prep, amp, args, epoch, start_step, cache, stop, on_stop):
-    """One pass over the training images, from batch `start_step` on; returns (mean loss, images/s).
-    On Ctrl-C calls on_stop(step) and raises Stop; a NaN/inf loss raises Stop (checked every 50 steps)."""
+def fresh_epoch() -> dict:
+    """Progress within an epoch, saved with a mid-epoch state so a resumed epoch reports the whole epoch."""
+    return {"step": 0, "losses": [], "seen": 0, "seconds": 0.0}
+
+
+def train_epoch(kdad, opt, data, prep, amp, args, epoch, done: dict, cache, stop, on_stop):
+    """One pass over the training images, continuing after `done` (see fresh_epoch); returns (mean loss,
+    images/s) of the whole epoch. On Ctrl-C: on_stop(progress), then Stop; on the epoch's last step the epoch
+    just ends (fit stops after saving it). A NaN/inf loss raises Stop (checked every 50 steps and at the end)."""
     g = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
     n = len(data.train)
     order = torch.randperm(n, generator=g)
     aug = random_augment(n, args.image_size, g) if args.augment else center(n, args.image_size)
-    skip = start_step * args.batch_size  # a resumed epoch continues at the batch it stopped at
+    skip = done["step"] * args.batch_size  # a resumed epoch continues at the batch it stopped at
     steps = batches(data.train, order[skip:], aug[skip:], args.batch_size, prep, args.plain)
     total = (n + args.batch_size - 1) // args.batch_size
-    losses, seen, t0 = [], 0, time.time()
+    losses, seen, t0 = [], done["seen"], time.time()
     kdad.student.train()
-    for step, (idx, x) in enumerate(progress(steps, total - start_step, f"epoch {epoch + 1}"), start=start_step):
+    for step, (idx, x) in enumerate(progress(steps, total - done["step"], f"epoch {epoch + 1}"), start=done["step"]):
         losses.append(train_step(kdad, opt, amp, idx, x, cache))
         seen += len(idx)
         if stop["requested"] or step % 50 == 49:
-            check_finite(losses, epoch, start_step)
-        if stop["requested"]:
-            on_stop(step + 1)
+            check_finite(losses, epoch, done["step"])
+        if stop["requested"] and step + 1 < total:
+            on_stop({"step": step + 1, "losses": done["losses"] + torch.stack(losses).tolist(), "seen": seen,
+                     "seconds": done["seconds"] + time.time() - t0})
             raise Stop(f"interrupted at epoch {epoch + 1}, step {step + 1}")
-    check_finite(losses, epoch, start_step)
-    return torch.stack(losses).mean().item(), seen / max(time.time() - t0, 1e-9)
+    if losses:
+        check_finite(losses, epoch, done["step"])
+    all_losses = done["losses"] + (torch.stack(losses).tolist() if losses else [])
+    return sum(all_losses) / max(len(all_losses), 1), seen / max(done["seconds"] + time.time() - t0, 1e-9)
 
 
-def check_finite(losses, epoch, start_step):
+def check_finite(losses, epoch, first_step):
     finite = torch.isfinite(torch.stack(losses))
     if not finite.all():
-        step = start_step + int((~finite).nonzero()[0]) + 1
+        step = first_step + int((~finite).nonzero()[0]) + 1
         raise Stop(f"non-finite loss at epoch {epoch + 1}, step {step} (try a lower --lr or --precision fp32)")
 
 
@@ -255,35 +294,35 @@ class Snapshots:
 
     def __init__(self, run: Path, student, opt, sched, device):
         self.path, self.student, self.opt, self.sched, self.device = run / "state.pt", student, opt, sched, device
-        self.state = {"epoch": 0, "step": 0, "history": [], "best": None, "rng": None}
+        self.state = {"epoch": 0, "partial": fresh_epoch(), "history": [], "best": None, "rng": None}
 
     def load(self):
-        try:
-            saved = torch.load(self.path, map_location=self.device, weights_only=True)
+        try:  # to the CPU first: load_state_dict puts each tensor where its parameter lives
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            self.student.load_state_dict(saved["student"])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.sched.load_state_dict(saved["scheduler"])
+            self.state = {k: saved[k] for k in self.state}
         except Exception as e:  # not written by this code: a finished state.pt is never half-written
             raise RunError(f"{self.path} is unreadable ({type(e).__name__}): use --overwrite to start again") from None
-        self.student.load_state_dict(saved["student"])
-        self.opt.load_state_dict(saved["optimizer"])
-        self.sched.load_state_dict(saved["scheduler"])
-        self.state = {k: saved[k] for k in self.state}
 
-    def save(self, epoch: int, step: int):
+    def save(self, epoch: int, partial: dict):
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        self.state |= {"epoch": epoch, "step": step, "rng": rng}
+        self.state |= {"epoch": epoch, "partial": partial, "rng": rng}
         state = self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                               "scheduler": self.sched.state_dict()}
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
     def seed_epoch(self, seed: int, epoch: int):
         """Dropout draws from the global generator: seed it per epoch, or restore it mid-epoch on resume."""
-        if self.state["step"] == 0:
+        if self.state["partial"]["step"] == 0:
             torch.manual_seed(epoch_seed(seed, epoch) + 50_000)
             return
-        torch.set_rng_state(self.state["rng"]["cpu"].cpu())
+        torch.set_rng_state(self.state["rng"]["cpu"])
         if "cuda" in self.state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.state["rng"]["cuda"].cpu(), self.device)
+            torch.cuda.set_rng_state(self.state["rng"]["cuda"], self.device)
 
 
 def validate(args, kdad, data, prep, amp) -> dict:
@@ -298,14 +337,15 @@ def validate(args, kdad, data, prep, amp) -> dict:
     return out
 
 
-def fit(args, data, teacher, device, precision, run: Path) -> dict:
-    """Train for args.epochs, select the model (final epoch unless --select val-auroc), save it; returns the
-    training figures for results.json. Stop is raised, with what was kept, on Ctrl-C or a non-finite loss."""
+def fit(args, data, teacher, device, precision, run: Path, resume: bool) -> dict:
+    """Train for args.epochs (continuing run/state.pt if `resume`), select the model (final epoch unless
+    --select val-auroc), save it; returns the training figures for results.json. Stop is raised, with what
+    was kept, on Ctrl-C or a non-finite loss."""
     student, kdad, prep, amp, opt, sched = build(args, teacher, device, precision)
     snaps = Snapshots(run, student, opt, sched, device)
-    if args.resume:
+    if resume:
         snaps.load()
-        print(f"resuming {run} at epoch {snaps.state['epoch'] + 1}, step {snaps.state['step']}")
+        print(f"resuming {run} at epoch {snaps.state['epoch'] + 1}, step {snaps.state['partial']['step']}")
     cache = None
     if not (args.augment or args.no_cache or args.plain):
         cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, precision)
@@ -315,8 +355,8 @@ def fit(args, data, teacher, device, precision, run: Path) -> dict:
         for epoch in range(snaps.state["epoch"], args.epochs):
             snaps.seed_epoch(args.seed, epoch)
             try:
-                loss, speed = train_epoch(kdad, opt, data, prep, amp, args, epoch, snaps.state["step"], cache, stop,
-                                          lambda step, e=epoch: snaps.save(e, step))
+                loss, speed = train_epoch(kdad, opt, data, prep, amp, args, epoch, snaps.state["partial"], cache,
+                                          stop, lambda progress, e=epoch: snaps.save(e, progress))
             except Stop as e:
                 raise Stop(f"{e}; {what_was_kept(snaps, stop['requested'])}") from None
             sched.step()
@@ -327,11 +367,13 @@ def fit(args, data, teacher, device, precision, run: Path) -> dict:
                 snaps.state["best"] = {"epoch": epoch + 1, "val_auroc": record["val_auroc"]}
                 save_tensors(student.state_dict(), run / "best.safetensors")
             history.append(record)
-            snaps.save(epoch + 1, 0)
+            snaps.save(epoch + 1, fresh_epoch())
             write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  val-normal-loss "
                   f"{record['val_normal_loss']:.4f}  {speed:7.1f} img/s"
                   + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
+            if stop["requested"]:  # Ctrl-C on an epoch's last step or during its validation
+                raise Stop(f"interrupted after epoch {epoch + 1}; {what_was_kept(snaps, True)}")
     finally:
         signal.signal(signal.SIGINT, previous)
     return finish(args, kdad, student, data, prep, amp, run, history, snaps.state["best"])
@@ -342,7 +384,7 @@ def what_was_kept(snaps: Snapshots, interrupted: bool) -> str:
     if interrupted:
         return f"saved a resumable state in {snaps.path}{resume}"
     if snaps.path.exists():
-        e, step = snaps.state["epoch"], snaps.state["step"]
+        e, step = snaps.state["epoch"], snaps.state["partial"]["step"]
         where = f"epoch {e + 1}, step {step}" if step else f"end of epoch {e}"
         return f"the last good state ({where}) is kept in {snaps.path}{resume}"
     return "nothing was saved yet"
@@ -376,13 +418,14 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                  "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
                  "data_root": str(Path(args.data_root).resolve()),
                  "teacher_sha256": teacher_info["sha256"], "optimizer": args.optimizer.__name__}
-    prepare_run_dir(run, settings, args.resume, args.overwrite)
-    if args.resume and (run / "results.json").exists():
+    resume = prepare_run_dir(run, settings, args.resume, args.overwrite)
+    if resume and (run / "results.json").exists():
         done = read_json(run / "results.json")
         if done["epochs"] >= args.epochs:
             print(f"class {done['cls']} ({done['class_name']}) already finished {done['epochs']} epochs: test AUROC "
                   f"{done['test_auroc']:.4f} ({run}/results.json; --overwrite trains it again)")
             return done
+        keep_earlier(run, done["epochs"])  # --resume with more epochs extends a finished run
     print(data.summary())
     config = {"settings": settings, "teacher": teacher_info, "taps": asdict(taps_for(args.backbone, teacher)),
               "student": asdict(make_student(args.backbone, teacher).cfg),
@@ -390,13 +433,9 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     write_text(run / "config.json", json.dumps(config, indent=2) + "\n")
     results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
                "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
-               **fit(args, data.to(device), teacher, device, precision, run),
+               **fit(args, data.to(device), teacher, device, precision, run, resume),
                "seconds": time.time() - started, "seed": args.seed, "device": str(device), "precision": precision,
                "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
-    if (run / "results.json").exists():  # an earlier, shorter run that --resume extended: keep its results
-        old = run / f"results-{read_json(run / 'results.json').get('epochs')}ep.json"
-        os.replace(run / "results.json", old)
-        print(f"kept the earlier results as {old}")
     write_text(run / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"class {results['cls']} ({results['class_name']}): val AUROC {results['val_auroc']:.4f}  "
           f"test AUROC {results['test_auroc']:.4f}  ({results['seconds']:.0f} s)  -> {run}")
@@ -414,14 +453,17 @@ def describe(teacher) -> str:
 def prepare_teacher(args, device):
     """Resolve, load and describe the teacher; returns (teacher, its identity for config.json, a short name)."""
     name = args.teacher or DEFAULT_TEACHER[args.backbone]
-    path, short = resolve_teacher(name, args.cache_dir)
-    teacher = load_teacher(path, args.backbone, args.image_size).to(device)
+    path, short, preset = resolve_teacher(name, args.cache_dir)
+    teacher = load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std).to(device)
     if args.backbone == "vgg":
         teacher = teacher.to(memory_format=torch.channels_last)
-    info = {"name": name, "path": str(Path(path).resolve()), "sha256": sha256(path),
+    info = {"name": name, "preset": preset, "path": str(Path(path).resolve()), "sha256": sha256(path),
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
-            "label_leak": name == "vit-b16-cifar10"}
-    print(f"teacher: {name}" + (f" ({PRESETS[name].note})" if name in PRESETS else "") + f": {describe(teacher)}")
+            "label_leak": preset == "vit-b16-cifar10"}
+    print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
+    if not preset and args.teacher_mean is None and getattr(teacher, "layout", None) in ("timm", "huggingface"):
+        print(f"  note: normalising with the {teacher.layout} default mean/std; if this checkpoint was trained with "
+              f"others (e.g. timm's ImageNet-21k ViTs use 0.5), pass --teacher-mean/--teacher-std")
     if info["label_leak"]:
         print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
               f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
@@ -451,6 +493,9 @@ def main(argv=None) -> int:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130 if str(e).startswith("interrupted") else 3
+    except OSError as e:  # an unwritable --out or cache folder, a full disk
+        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
         print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",
               file=sys.stderr)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from checkpoint import CheckpointError, check_state_dict, read_tensors
+from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors
 from vit import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -80,6 +80,7 @@ def load_vgg16(path) -> VGG:
         raise CheckpointError(f"{path} is not a VGG16 checkpoint (no features.* tensors); "
                               f"first keys: {', '.join(sorted(sd)[:3])}")
     sd = {k: v for k, v in sd.items() if not k.startswith(("classifier.", "pre_logits.", "head."))}
+    check_finite(path, sd)
     model = VGG()
     check_state_dict(path, sd, model.state_dict(), "VGG16")
     model.load_state_dict(sd)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, check_state_dict, read_tensors
+from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)  # Hugging Face ViT's image processor maps pixels to [-1, 1]
@@ -259,8 +259,13 @@ def detect_layout(path, sd: dict) -> str:
                           f"torchvision vit_b_16); first keys: {', '.join(sorted(sd)[:3])}")
 
 
+# Heads are not in any tensor's shape. Published ViTs use 64 dims per head (Ti 192/3, S 384/6, B 768/12,
+# L 1024/16, DINOv2-g 1536/24) except these, which have 16 heads of 80, 88 and 104 dims (ViT-H, -g, -G).
+HEADS = {1280: 16, 1408: 16, 1664: 16}
+
+
 def _config_from_tensors(sd: dict, eps: float, mean_std) -> ViTConfig:
-    """Everything but the head count is in the shapes; heads follow the ViT convention of 64 dims per head."""
+    """Everything but the head count is in the shapes; heads come from HEADS or 64 dims per head."""
     width, _, patch, _ = sd["patch_embed.proj.weight"].shape
     registers = sd["reg_token"].shape[1] if "reg_token" in sd else 0
     n_pos = sd["pos_embed"].shape[1]
@@ -270,7 +275,7 @@ def _config_from_tensors(sd: dict, eps: float, mean_std) -> ViTConfig:
         raise CheckpointError(f"position embedding has {n_pos} tokens: not a square grid of patches plus CLS and "
                               f"{registers} registers, so no student can line up with it token for token")
     return ViTConfig(image_size=grid * patch, patch_size=patch, width=width, depth=_depth(sd, "blocks."),
-                     heads=max(1, width // 64), mlp_width=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                     heads=HEADS.get(width, max(1, width // 64)), mlp_width=sd["blocks.0.mlp.fc1.weight"].shape[0],
                      registers=registers, layer_scale="blocks.0.ls1.gamma" in sd, pos_embed_prefix=not prefix_free,
                      final_norm="norm.weight" in sd or "norm.bias" in sd, eps=eps, mean=mean_std[0], std=mean_std[1])
 
@@ -292,6 +297,7 @@ def load_vit(path, image_size: int | None = None, heads: int | None = None) -> V
     sd = read_tensors(path)
     layout = detect_layout(path, sd)
     marker, rename, eps, mean_std, ignore = LAYOUTS[layout]
+    check_finite(path, {k: v for k, v in sd.items() if not k.removeprefix("vit.").startswith(ignore)})
     try:
         sd = rename(dict(sd))
         cfg = _config_from_tensors(sd, eps, mean_std)

@@ -34,16 +34,16 @@ def argv_for(files, out, backbone="vit", *extra, teacher=None, data=None, cls="b
             "--out", str(out), *extra]
 
 
-def cli(argv) -> int:
+def cli(argv, main=train.main) -> int:
     try:
-        return train.main(argv)
+        return main(argv)
     except SystemExit as e:  # argparse errors exit from inside parse_args
         return e.code
 
 
-def fails(capsys, argv, *fragments, code=2, main=cli):
+def fails(capsys, argv, *fragments, code=2, main=train.main):
     """The command exits with `code` and its last stderr line is one clear message holding every fragment."""
-    assert main(argv) == code
+    assert cli(argv, main) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -184,7 +184,16 @@ def test_existing_run_folder_is_not_clobbered(files, tmp_path, capsys):
     assert (out / "results.json").read_bytes() == results
     assert cli(argv_for(files, out) + ["--lr", "1e-4", "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["settings"]["lr"] == 1e-4
-    fails(capsys, argv_for(files, tmp_path / "new", "vit", "--resume"), "nothing to resume")
+    assert cli(argv_for(files, tmp_path / "new", "vit", "--resume")) == 0  # nothing saved yet: starts it
+    assert "starting this run from the beginning" in capsys.readouterr().out
+
+
+def test_out_is_a_file_and_bad_devices(files, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    fails(capsys, argv_for(files, tmp_path / "f"), "is a file, not a folder")
+    fails(capsys, argv_for(files, tmp_path / "r") + ["--device", "mps"], "unknown device 'mps'")
+    fails(capsys, argv_for(files, tmp_path / "r") + ["--device", "gpu0"], "unknown device 'gpu0'")
+    fails(capsys, ["--batch-size", "0", str(tmp_path)], "--batch-size must be positive", main=evaluate.main)
 
 
 def test_unfinished_run_asks_for_resume(files, tmp_path, capsys, monkeypatch):
@@ -231,6 +240,33 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_pat
     monkeypatch.undo()
     assert cli(argv_for(files, out, backbone, *extra, "--resume")) == 0
     assert same_weights(weights(tmp_path / "straight"), weights(out))
+    losses = [[json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()]
+              for p in (tmp_path / "straight", out)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # the resumed epoch reports the whole epoch
+
+
+def test_ctrl_c_on_the_last_step_of_an_epoch(files, tmp_path, capsys, monkeypatch):
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 7 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", "vit", *extra)) == 0
+    out = tmp_path / "stopped"
+    interrupt_at(monkeypatch, 7)  # the last step of epoch 1: the epoch ends, is saved, then the run stops
+    fails(capsys, argv_for(files, out, "vit", *extra), "interrupted after epoch 1", "--resume", code=130)
+    monkeypatch.undo()
+    assert cli(argv_for(files, out, "vit", *extra, "--resume")) == 0
+    assert same_weights(weights(tmp_path / "straight"), weights(out))
+
+
+def test_all_classes_resume_after_an_interruption(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "all"
+    interrupt_at(monkeypatch, 7)  # one epoch of 27 images, batch 8: steps 1-4 are class 0, 5-8 class 1
+    fails(capsys, argv_for(files, out, "vit", "--batch-size", "8", cls="all"), "interrupted at epoch 1, step 3",
+          code=130)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["0-ant", "1-bee"]
+    assert cli(argv_for(files, out, "vit", "--batch-size", "8", "--resume", cls="all")) == 0
+    printed = capsys.readouterr().out
+    assert "class 0 (ant) already finished" in printed and "resuming" in printed and "| mean |" in printed
+    assert all((out / c / "results.json").is_file() for c in ("0-ant", "1-bee", "2-cow"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):

@@ -76,6 +76,10 @@ def test_default_vit_preset_downloads_converts_and_states_the_label_leak(files, 
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["teacher"] == "vit-b16-cifar10" and results["teacher_saw_cifar10_labels"] is True
     assert train.main(argv[:-1] + [str(tmp_path / "r2")]) == 0  # second time from the cache, no download
+    assert "downloading" not in capsys.readouterr().out
+    cached = next((tmp_path / "cache").glob("vit-b16-cifar10-*.safetensors"))
+    assert train.main(["--teacher", str(cached)] + argv[:-1] + [str(tmp_path / "r3")]) == 0
+    assert "fine-tuned on CIFAR-10 labels" in capsys.readouterr().out  # the same teacher, given by its path
 
 
 def test_resume_continues_where_the_run_stopped(files, tmp_path):
@@ -85,7 +89,8 @@ def test_resume_continues_where_the_run_stopped(files, tmp_path):
     assert run(files, stopped, "vit", "--epochs", "2", "--resume") == 0
     a, b = read_tensors(straight / "student.safetensors"), read_tensors(stopped / "student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (stopped / "results-1ep.json").is_file()  # the shorter run's results are kept, not overwritten
+    # the shorter run's results and student are kept, not overwritten
+    assert (stopped / "results-1ep.json").is_file() and (stopped / "student-1ep.safetensors").is_file()
     log = [json.loads(line) for line in (stopped / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
 
@@ -179,3 +184,60 @@ def test_compiled_run_saves_plain_keys(files, tmp_path, monkeypatch):
     keys = read_tensors(out / "student.safetensors").keys()
     assert keys and not any("_orig_mod" in k for k in keys)
     assert evaluate.main([str(out)]) == 0
+
+
+## --------------------------------------------------------------------------------------------------------
+## Downloads that go wrong are never cached.
+
+class HalfHandler(http.server.SimpleHTTPRequestHandler):
+    """Announces the whole file, sends half of it, and hangs up (a dropped connection)."""
+
+    def do_GET(self):
+        data = (self.server.root / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+
+
+def test_broken_downloads_are_not_cached(files, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "hub"
+    good = root / "timm/vit_small_patch16_224.dino/resolve/main/model.safetensors"
+    good.parent.mkdir(parents=True)
+    good.write_bytes(open(files["vit"], "rb").read())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfHandler)
+    server.root = root
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
+    argv = ["--backbone", "vit", "--cls", "1", "--teacher", "dino-vits16", "--data-dir", files["data"],
+            "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert train.main(argv) == 2
+    assert "connection closed after" in capsys.readouterr().err
+    assert not any((tmp_path / "cache").iterdir())
+    server.shutdown()
+
+
+def test_error_page_and_damaged_cache(files, tmp_path, hub, capsys):
+    page = hub / "timm/vit_small_patch16_224.dino/resolve/main/model.safetensors"
+    page.parent.mkdir(parents=True)
+    page.write_text("<!DOCTYPE html><html><body>rate limited</body></html>\n" * 10)  # served with status 200
+    argv = ["--backbone", "vit", "--cls", "1", "--teacher", "dino-vits16", "--data-dir", files["data"],
+            "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert train.main(argv) == 2
+    assert "HTML" in capsys.readouterr().err and not any((tmp_path / "cache").iterdir())
+    page.write_bytes(open(files["vit"], "rb").read())
+    assert train.main(argv) == 0
+    cached = next((tmp_path / "cache").iterdir())
+    cached.write_bytes(cached.read_bytes()[:5000])  # damaged later (a disk problem, a killed copy)
+    assert train.main(argv[:-1] + [str(tmp_path / "r2")]) == 0
+    assert "damaged" in capsys.readouterr().out and cached.stat().st_size == page.stat().st_size
+
+
+def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path):
+    out = tmp_path / "r"
+    assert run(files, out, "vit", "--teacher-mean", "0.5", "0.5", "0.5", "--teacher-std", "0.5", "0.5", "0.5") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher"]["config"]["mean"] == [0.5] * 3 and config["teacher"]["config"]["std"] == [0.5] * 3
+    results = json.loads((out / "results.json").read_text())
+    assert evaluate.evaluate_run(out, torch.device("cpu"))["test_auroc"] == pytest.approx(results["test_auroc"])

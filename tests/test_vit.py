@@ -118,3 +118,18 @@ def test_student_lines_up_with_teacher_and_learns_everywhere(registers):
 def test_student_needs_width_divisible_by_heads():
     with pytest.raises(vit.CheckpointError, match="cannot be split into 8 student heads"):
         vit.student_config(vit.ViTConfig(width=100, heads=1))
+
+
+def test_vit_huge_width_has_sixteen_heads(tmp_path):
+    """ViT-H (width 1280) breaks the 64-dims-per-head rule: 16 heads of 80."""
+    ref = torchvision_vit(patch_size=16, num_layers=1, num_heads=16, hidden_dim=1280, mlp_dim=64)
+    model = vit.load_vit(save(ref.state_dict(), tmp_path / "h.safetensors"))
+    assert model.cfg.heads == 16
+    x = torch.randn(1, 3, 32, 32)
+    check_hidden(model, torchvision_hidden_states(ref, x), x, "ViT-H width")
+
+
+def test_nan_in_an_unused_head_is_fine(tmp_path):
+    sd = tv_to_hf(torchvision_vit(eps=1e-12).state_dict(), head_model=True)
+    sd["classifier.weight"][:] = float("nan")  # e.g. torchvision's IMAGENET1K_FEATURES VGG has a NaN classifier
+    assert vit.load_vit(save(sd, tmp_path / "t.safetensors")).cfg.depth == 3

@@ -83,7 +83,7 @@ class ImageFolder:
                     left, top = (im.width - self.load_size) // 2, (im.height - self.load_size) // 2
                     im = im.crop((left, top, left + self.load_size, top + self.load_size))
                 return np.asarray(im)
-        except OSError:
+        except Exception:  # not an image after all, truncated, too large to trust: left out, and counted
             return None
 
     def images(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -169,6 +169,8 @@ def limit_labelled(idx: np.ndarray, anomalous: np.ndarray, limit: int | None, se
     if limit is None or limit >= len(idx):
         return idx
     n_normal = (~anomalous).sum()
+    if n_normal in (0, len(idx)):  # one kind only: one_class_data refuses it with a clearer message
+        return idx[:limit]
     keep_normal = min(n_normal, max(1, round(limit * n_normal / len(idx))))
     keep_anomalous = limit - keep_normal
     if keep_anomalous < 1 or keep_normal < 1:

@@ -345,6 +345,9 @@ def fit(args, data, teacher, device, precision, run: Path, resume: bool) -> dict
     snaps = Snapshots(run, student, opt, sched, device)
     if resume:
         snaps.load()
+        if snaps.state["epoch"] > args.epochs:
+            raise RunError(f"{snaps.path} is at epoch {snaps.state['epoch']}, past --epochs {args.epochs}: resume "
+                           f"with --epochs {snaps.state['epoch']} or more")
         print(f"resuming {run} at epoch {snaps.state['epoch'] + 1}, step {snaps.state['partial']['step']}")
     cache = None
     if not (args.augment or args.no_cache or args.plain):

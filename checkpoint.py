@@ -41,8 +41,9 @@ MAX_HEADER = 100 * 1024 * 1024  # the reference reader refuses larger headers to
 def _sniff(path: Path, head: bytes) -> str:
     """Name the kind of a file that is not safetensors, for the error message."""
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):  # zip / pickle
+        out = path.with_name(path.stem + ("-converted" if path.suffix == ".safetensors" else "") + ".safetensors")
         return (f"{path} is a PyTorch pickle, not safetensors: convert it once with "
-                f"`python checkpoint.py convert {path} {path.with_suffix('.safetensors')}`")
+                f"`python checkpoint.py convert {path} {out}` and pass that file")
     if head.lstrip()[:5].lower() in (b"<!doc", b"<html", b"<?xml", b"<head", b"<body"):
         return f"{path} is an HTML/XML page, not safetensors (a failed download?): download it again"
     return f"{path} is not a safetensors file (unreadable header): check the path or download it again"

@@ -188,7 +188,8 @@ def set_fused_attn(model: nn.Module, fused: bool):
 def student_config(teacher: ViTConfig, depth=4, heads=8, mlp_width=512, dropout=0.2) -> ViTConfig:
     # 4 blocks x (4 D^2 + 2 x 512 D) + patch and position embeddings: 13.4M parameters for D = 768 at 224 px
     if teacher.width % heads:
-        raise CheckpointError(f"teacher width {teacher.width} cannot be split into {heads} student heads")
+        raise CheckpointError(f"teacher width {teacher.width} cannot be split into {heads} student heads: choose a "
+                              f"teacher whose width is a multiple of {heads}")
     return replace(teacher, depth=depth, heads=heads, mlp_width=mlp_width, dropout=dropout, layer_scale=False,
                    pos_embed_prefix=True, final_norm=False)
 

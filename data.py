@@ -268,7 +268,10 @@ class Preprocess:
         if x.shape[-1] != self.resize or x.shape[-2] != self.resize:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True, align_corners=False)
         x = self.crop_flip(x, aug)
-        x = (x - self.mean) / self.std
+        return self.layout((x - self.mean) / self.std)
+
+    def layout(self, x):
+        """The memory layout the networks want: channels_last (NHWC) for the VGG convolutions."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def crop_flip(self, x, aug: Augment):
@@ -315,9 +318,7 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
                                              batch_sampler=[items[i:i + batch_size] for i in starts],
                                              generator=torch.Generator().manual_seed(0))
         for i, x in zip(starts, loader, strict=True):
-            x = x.to(prep.mean.device)
-            yield order[i:i + batch_size], (x.contiguous(memory_format=torch.channels_last) if prep.channels_last
-                                            else x)
+            yield order[i:i + batch_size], prep.layout(x.to(prep.mean.device))
         return
     for i in starts:
         idx = order[i:i + batch_size]  # stays on the CPU: a GPU would otherwise wait to hand it back for caches

@@ -179,8 +179,13 @@ def load_teacher(path, backbone: str, image_size: int, mean=None, std=None):
     return teacher.requires_grad_(False).eval()
 
 
+def student_config_for(backbone: str, teacher):
+    return student_config(teacher.cfg) if backbone == "vit" else CLONER
+
+
 def make_student(backbone: str, teacher):
-    return ViT(student_config(teacher.cfg)) if backbone == "vit" else VGG(CLONER)
+    cfg = student_config_for(backbone, teacher)
+    return ViT(cfg) if backbone == "vit" else VGG(cfg)
 
 
 def taps_for(backbone: str, teacher) -> Taps:

@@ -212,7 +212,7 @@ def table(paths) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
-def write_table(paths, out_prefix, chart=True) -> str:
+def write_table(paths, out_prefix) -> str:
     """Write the table as .md and .csv (and, with matplotlib, a bar chart against the published numbers)."""
     md, rows = table(paths)
     out = Path(out_prefix)
@@ -222,11 +222,10 @@ def write_table(paths, out_prefix, chart=True) -> str:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    if chart:
-        try:
-            table_png(out.with_suffix(".png"), rows, "published (shared/docs/method.md)")
-        except PlotError as e:
-            print(f"note: no bar chart ({e})")
+    try:
+        table_png(out.with_suffix(".png"), rows, "published (shared/docs/method.md)")
+    except PlotError as e:
+        print(f"note: no bar chart ({e})")
     return md
 
 

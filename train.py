@@ -27,7 +27,7 @@ import torch
 from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
                         sha256, write_atomically)
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress, random_augment
-from distill import KDAD, load_teacher, make_student, taps_for
+from distill import KDAD, load_teacher, make_student, student_config_for, taps_for
 from vit import set_fused_attn
 from evaluate import (OneLineParser, RunError, auroc, autocast, load_student, pick_device, pick_precision,
                       read_json, score_images, write_table)
@@ -431,7 +431,7 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
         keep_earlier(run, done["epochs"])  # --resume with more epochs extends a finished run
     print(data.summary())
     config = {"settings": settings, "teacher": teacher_info, "taps": asdict(taps_for(args.backbone, teacher)),
-              "student": asdict(make_student(args.backbone, teacher).cfg),
+              "student": asdict(student_config_for(args.backbone, teacher)),
               "code": code_version(), "torch": torch.__version__, "device": str(device)}
     write_text(run / "config.json", json.dumps(config, indent=2) + "\n")
     results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,

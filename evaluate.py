@@ -24,7 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress
-from distill import KDAD, load_teacher, make_student, taps_for
+from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from plots import PlotError, draw_run, table_png
 
 # published per-class test AUROC (%) of shared/docs/method.md, classes 0..9
@@ -142,13 +142,13 @@ def load_run(run_dir, device, precision=None):
         raise RunError(f"teacher file {t['path']} has changed since training (sha256 differs from config.json): "
                        f"restore the original file or train again")
     teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"])
-    teacher = teacher.to(device)
-    student = load_student(run / "student.safetensors", make_student(s["backbone"], teacher)).to(device)
+    teacher = place(teacher, device, s["backbone"])
+    student = place(load_student(run / "student.safetensors", make_student(s["backbone"], teacher)), device,
+                    s["backbone"])
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
     source = open_source(s["data_dir"], s["data_root"], s["image_size"])
     data = one_class_data(source, s["cls"], s["seed"], s["limit"]).to(device)
-    prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device,
-                      channels_last=s["backbone"] == "vgg")
+    prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device, channels_last(s["backbone"]))
     return cfg, kdad, data, prep, autocast(device, precision or s["precision"])
 
 

@@ -27,7 +27,7 @@ import torch
 from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
                         sha256, write_atomically)
 from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress, random_augment
-from distill import KDAD, load_teacher, make_student, student_config_for, taps_for
+from distill import KDAD, channels_last, load_teacher, make_student, place, student_config_for, taps_for
 from vit import set_fused_attn
 from evaluate import (OneLineParser, RunError, auroc, autocast, load_student, pick_device, pick_precision,
                       read_json, score_images, write_table)
@@ -274,16 +274,13 @@ def check_finite(losses, epoch, first_step):
 def build(args, teacher, device, precision):
     """Student, KDAD wrapper, preprocessing, autocast, optimiser and schedule of a new run."""
     torch.manual_seed(args.seed)
-    student = make_student(args.backbone, teacher).to(device)
+    student = place(make_student(args.backbone, teacher), device, args.backbone)
     for model in (teacher, student):  # the plain path runs the written-out attention (no effect on VGG)
         set_fused_attn(model, not args.plain)
-    channels_last = args.backbone == "vgg"  # the convolutions run faster in NHWC
-    if channels_last:
-        student = student.to(memory_format=torch.channels_last)
     kdad = KDAD(teacher, student, taps_for(args.backbone, teacher), args.lam)
     if args.compile:  # compiled wrappers run; the plain modules are what gets saved (no '_orig_mod.' keys)
         kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
-    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last)
+    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last(args.backbone))
     opt = args.optimizer(student.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, args.gamma)
     return student, kdad, prep, autocast(device, precision), opt, sched
@@ -457,9 +454,8 @@ def prepare_teacher(args, device):
     """Resolve, load and describe the teacher; returns (teacher, its identity for config.json, a short name)."""
     name = args.teacher or DEFAULT_TEACHER[args.backbone]
     path, short, preset = resolve_teacher(name, args.cache_dir)
-    teacher = load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std).to(device)
-    if args.backbone == "vgg":
-        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
+                    args.backbone)
     info = {"name": name, "preset": preset, "path": str(Path(path).resolve()), "sha256": sha256(path),
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
             "label_leak": preset == "vit-b16-cifar10"}

@@ -24,7 +24,7 @@ import torch
 
 from data import Preprocess, batches, center, open_source, random_augment
 from distill import KDAD, make_student, taps_for
-from evaluate import OneLineParser, autocast, pick_device, pick_precision
+from cli import OneLineParser, autocast, pick_device, pick_precision
 from train import RECIPES, feature_cache, train_step
 from vgg import VGG
 from vit import ViT, ViTConfig, set_fused_attn

@@ -1,21 +1,26 @@
 """Score images, compute ROC AUC, re-evaluate a saved run, and tabulate runs.
 
 Score convention, used everywhere: a higher anomaly score means "more anomalous", and ROC AUC treats the
-anomalous images (label 1) as the positive class. An AUROC of 0.5 is chance, 1.0 a perfect ranking.
+anomalous images (label 1) as the positive class. The AUROC is the probability that a randomly drawn anomalous
+image scores higher than a randomly drawn normal one: 0.5 is chance, 1.0 a perfect ranking.
 
-    python evaluate.py runs/vit-vit-b16-cifar10-cat-s0            # recompute val/test AUROC from the saved student
+    python evaluate.py runs/vit-vit-b16-cifar10-cat-s0             # recompute val/test AUROC from the saved student
+    python evaluate.py runs/vit-vit-b16-cifar10-all-s0             # every class run of a --cls all folder
     python evaluate.py runs/vit-... --plots                        # and draw the figures (needs matplotlib)
     python evaluate.py runs/vgg-... --plots --maps gradient        # with the paper's gradient maps
-    python evaluate.py --table runs/vit-*-s0 runs/vit-*-s1         # per-class table (mean +- std over seeds)
+    python evaluate.py --table runs/vit-*-all-s0 runs/vit-*-all-s1 # per-class table (mean +- std over seeds)
 
 train.py uses `score_images` and `auroc` from here, so training-time and after-the-fact numbers come from the
 same code.
 """
-import argparse
-import csv
-import json
 import sys
-from contextlib import nullcontext
+
+import cli
+
+if __name__ == "__main__":  # flags first: --help and a mistyped flag answer before torch's 5-second import
+    cli.evaluate_args(sys.argv[1:])
+
+import csv  # the rest waits for the flag check above
 from pathlib import Path
 
 import numpy as np
@@ -23,67 +28,19 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
-from data import DataError, Preprocess, batches, center, one_class_data, open_source, progress
+from cli import RunError, autocast, pick_device, progress
+from data import CIFAR10_CLASSES, DataError, Preprocess, batches, center, one_class_data, open_source
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from plots import PlotError, draw_run, table_png
+from record import TORCHVISION_CIFAR10, read_json, run_folders
 
-# published per-class test AUROC (%) of shared/docs/method.md, classes 0..9
+# Published per-class test AUROC (%) on one-class CIFAR-10, classes in torchvision's order (shared/docs/method.md)
 PUBLISHED = {
-    "vgg": [90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91],  # KDAD paper, VGG16
-    "vit": [96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68],  # ViT reproduction
+    "vgg": ("Salehi et al. 2021, KDAD paper (VGG16)",
+            [90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91]),
+    "vit": ("ViT reproduction of KDAD (teacher vit-b16-cifar10, saw CIFAR-10 labels; epoch picked on the test set)",
+            [96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68]),
 }
-
-
-class RunError(ValueError):
-    """A run folder that cannot be evaluated, or settings that make no sense."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line (what is wrong, where to look) instead of usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-## --------------------------------------------------------------------------------------------------------
-## Device and precision, chosen once per process.
-
-def pick_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise RunError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name} but this machine has no usable CUDA GPU: use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RunError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0 .. "
-                       f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Native bf16 only: CUDA compute capability 8.0+ (Ampere on), or a CPU with AVX-512 BF16. Older GPUs
-    (T4, V100) only emulate it, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return device.type == "cpu" and bool(is_bf16())
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """'auto' is bf16 where the hardware has it (CUDA, CPUs with AVX-512 BF16), else fp32."""
-    return ("bf16" if bf16_supported(device) else "fp32") if name == "auto" else name
-
-
-def autocast(device: torch.device, precision: str):
-    """A factory of autocast contexts: bf16 compute with fp32 master weights, or plain fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -96,27 +53,25 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
     order = torch.arange(len(images))
     scores = []
     n = (len(images) + batch_size - 1) // batch_size
-    for _, x in progress(batches(images, order, center(len(images), prep.size), batch_size, prep, plain), n,
-                         "scoring"):
-        with amp():
-            scores.append(kdad.score(x, train_taps).float())
-    return torch.cat(scores).cpu()
+    with progress(batches(images, order, center(len(images), prep.size), batch_size, prep, plain), n,
+                  "scoring") as bar:
+        for _, x in bar:
+            with amp():
+                scores.append(kdad.score(x, train_taps).float())
+    return torch.cat(scores).cpu() if scores else torch.zeros(0)
 
 
-def auroc(scores, labels) -> float:
-    """ROC AUC with anomalous (1) as the positive class and higher score = more anomalous."""
-    return float(roc_auc_score(np.asarray(labels), np.asarray(scores)))
+def auroc(scores, labels) -> float | None:
+    """ROC AUC in [0, 1] with anomalous (1) as the positive class and higher score = more anomalous
+    (scikit-learn's roc_auc_score); None when the labels hold one kind only (no AUROC exists)."""
+    labels = np.asarray(labels)
+    if len(np.unique(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, np.asarray(scores)))
 
 
 ## --------------------------------------------------------------------------------------------------------
-## A saved run: config.json + student.safetensors (+ results.json), as train.py writes them.
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(f"{path} is unreadable ({e}): the run folder is damaged") from None
-
+## A saved run: config.json + student.safetensors (+ results.json), as train.py writes them (record.py).
 
 def load_student(path: Path, student):
     sd = read_tensors(path)
@@ -162,96 +117,143 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
     out = {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu())}
     saved = read_json(Path(run_dir) / "results.json") if (Path(run_dir) / "results.json").is_file() else {}
     for k, v in out.items():
-        print(f"{k}: {v:.4f}" + (f"  (results.json: {saved[k]:.4f})" if k in saved else ""))
+        print(f"{k}: {fmt(v, 4, 1)}" + (f"  (results.json: {fmt(saved[k], 4, 1)})" if k in saved else ""))
     if plots:
         draw_run(Path(run_dir), cfg, kdad, data, prep, amp, test, out["test_auroc"], plots)
     return out
 
 
+def fmt(x, digits=2, scale=100.0) -> str:
+    """An AUROC for printing: 'n/a' where there is none."""
+    return "n/a" if x is None else f"{x * scale:.{digits}f}"
+
+
 ## --------------------------------------------------------------------------------------------------------
-## The per-class table.
+## The per-class table: runs grouped by what makes them comparable, mean +- std over seeds within a group.
 
-def find_results(paths) -> list[Path]:
-    """results.json of each run folder given, or of the run folders inside a `--cls all` folder."""
-    found = []
-    for p in map(Path, paths):
-        if (p / "results.json").is_file():
-            found.append(p / "results.json")
-        else:
-            inner = sorted(p.glob("*/results.json"))
-            if not inner:
-                raise RunError(f"{p} holds no finished run (no results.json in it or its subfolders)")
-            found += inner
-    return found
+def comparable(cfg: dict) -> tuple:
+    """What runs must share to be seeds of one experiment: backbone, teacher (by content), data and recipe."""
+    s = cfg["settings"]
+    data = s.get("data") or (s["data_dir"] or TORCHVISION_CIFAR10)  # runs written before `data` existed
+    return (s["backbone"], cfg["teacher"]["sha256"], data, s["epochs"], s["batch_size"], s["lr"], s["lam"],
+            s["image_size"], s["limit"], s["select"], tuple(s.get("teacher_mean") or ()),
+            tuple(s.get("teacher_std") or ()))
 
 
-def table(paths) -> tuple[str, list[dict]]:
-    """Markdown table of test AUROC (%) per class: mean and, where several runs share a class, std over seeds."""
+def describe_group(cfg: dict) -> str:
+    s, t = cfg["settings"], cfg["teacher"]
+    data = "CIFAR-10 (torchvision)" if not s["data_dir"] else Path(s["data_dir"]).name
+    teacher = t.get("short_name") or Path(t["name"]).name
+    return (f"{s['backbone']}, teacher {teacher}, data {data}, {s['epochs']} epochs, batch {s['batch_size']}, "
+            f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px"
+            + (f", limit {s['limit']}" if s["limit"] else "") + (", selected by val AUROC" if
+                                                                  s["select"] == "val-auroc" else ""))
+
+
+def on_cifar10(cfg: dict) -> bool:
+    data = cfg.get("data")
+    return data["cifar10"] if data else not cfg["settings"]["data_dir"]  # older runs: torchvision means CIFAR-10
+
+
+def group_rows(runs: list[tuple[dict, dict]]) -> tuple[list[dict], str | None]:
+    """Rows of one group's table from (config, results) pairs: one per class, then the mean over classes."""
     by_class = {}
-    results = [read_json(p) for p in find_results(paths)]
-    for r in results:
+    for cfg, r in runs:
         by_class.setdefault((r["cls"], r["class_name"]), []).append(r)
-    backbones = {r["backbone"] for r in results}
-    published = PUBLISHED.get(backbones.pop()) if len(backbones) == 1 else None
+    cfg = runs[0][0]
+    label, published = PUBLISHED.get(cfg["settings"]["backbone"], (None, None))
+    cifar = on_cifar10(cfg)
     rows = []
     for (cls, name), rs in sorted(by_class.items()):
         aucs = np.array([r["test_auroc"] for r in rs]) * 100
-        rows.append({"class": cls, "name": name, "test_auroc": aucs.mean(),
-                     "std": aucs.std(ddof=1) if len(aucs) > 1 else None, "runs": len(aucs),
-                     "val_auroc": 100 * np.mean([r["val_auroc"] for r in rs]),
-                     "published": published[cls] if published and cls < len(published) else None})
-    rows.append({"class": "mean", "name": "", "test_auroc": np.mean([r["test_auroc"] for r in rows]),
-                 "std": None, "runs": sum(r["runs"] for r in rows),
-                 "val_auroc": np.mean([r["val_auroc"] for r in rows]),
-                 "published": (np.mean([r["published"] for r in rows]) if published and len(rows) == 10 else None)})
+        vals = [r["val_auroc"] for r in rs if r.get("val_auroc") is not None]
+        rows.append({"class": cls, "name": name, "test_auroc": float(aucs.mean()),
+                     "std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None, "runs": len(aucs),
+                     "val_auroc": 100 * float(np.mean(vals)) if vals else None,
+                     "published": published[CIFAR10_CLASSES.index(name)] if cifar and published else None})
+    def mean(key):
+        values = [r[key] for r in rows]
+        return float(np.mean(values)) if values and all(v is not None for v in values) else None
+    rows.append({"class": "mean", "name": "", "test_auroc": mean("test_auroc"), "std": None,
+                 "runs": sum(r["runs"] for r in rows), "val_auroc": mean("val_auroc"),
+                 "published": mean("published") if len(rows) == 10 else None})
+    return rows, (label if cifar and published else None)
+
+
+def markdown(rows: list[dict]) -> str:
     lines = ["| class | name | test AUROC (%) | val AUROC (%) | runs | published (%) |", "|---|---|---|---|---|---|"]
     for r in rows:
-        auc = f"{r['test_auroc']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
-        pub = f"{r['published']:.2f}" if r["published"] is not None else ""
-        lines.append(f"| {r['class']} | {r['name']} | {auc} | {r['val_auroc']:.2f} | {r['runs']} | {pub} |")
-    return "\n".join(lines), rows
+        auc = fmt(r["test_auroc"], scale=1) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
+        lines.append(f"| {r['class']} | {r['name']} | {auc} | {fmt(r['val_auroc'], scale=1)} | {r['runs']} | "
+                     f"{fmt(r['published'], scale=1) if r['published'] is not None else ''} |")
+    return "\n".join(lines)
 
 
-def write_table(paths, out_prefix) -> str:
-    """Write the table as .md and .csv (and, with matplotlib, a bar chart against the published numbers)."""
-    md, rows = table(paths)
-    out = Path(out_prefix)
+def tables(paths) -> list[dict]:
+    """One table per group of comparable runs among the finished runs in `paths` (see record.run_folders): each
+    {"title", "rows", "markdown", "published_label"}. Unfinished runs are named on stderr and left out."""
+    groups = {}
+    for run in run_folders(paths):
+        if not (run / "results.json").is_file():
+            print(f"note: {run} is unfinished (no results.json): left out of the table", file=sys.stderr)
+            continue
+        cfg = read_json(run / "config.json")
+        groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json")))
+    if not groups:
+        raise RunError(f"no finished run in {', '.join(map(str, paths))} (no results.json): nothing to tabulate")
+    out = []
+    for runs in groups.values():
+        rows, label = group_rows(runs)
+        title = describe_group(runs[0][0])
+        published = f"\n\npublished: {label}" if label else ""
+        out.append({"title": title, "rows": rows, "published_label": label,
+                    "markdown": f"### {title}\n\n{markdown(rows)}{published}"})
+    return out
+
+
+def table_prefix(paths) -> Path:
+    """Where a table goes by default: inside the one folder of runs given (a --cls all folder), else in the
+    runs' common parent folder."""
+    runs = [Path(p).resolve() for p in paths]
+    if len(runs) == 1 and not (runs[0] / "config.json").is_file():
+        return runs[0] / "table"
+    parents = [r.parent for r in runs]
+    common = Path(*[parts[0] for parts in zip(*(p.parts for p in parents)) if len(set(parts)) == 1])
+    return common / "table"
+
+
+def write_table(paths, out_prefix=None) -> str:
+    """Write the tables as one .md and one .csv (and, with matplotlib, one bar chart per group) at out_prefix
+    (default: table_prefix); returns the text to print, the paths written included."""
+    groups = tables(paths)
+    out = Path(out_prefix) if out_prefix else table_prefix(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md + "\n")
+    written = [out.with_suffix(".md"), out.with_suffix(".csv")]
+    out.with_suffix(".md").write_text("\n\n".join(g["markdown"] for g in groups) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=["group", *groups[0]["rows"][0]])
         writer.writeheader()
-        writer.writerows(rows)
-    try:
-        table_png(out.with_suffix(".png"), rows, "published (shared/docs/method.md)")
-    except PlotError as e:
-        print(f"note: no bar chart ({e})")
-    return md
+        for g in groups:
+            writer.writerows({"group": g["title"]} | r for r in g["rows"])
+    for k, g in enumerate(groups, start=1):
+        png = out.with_suffix(".png") if len(groups) == 1 else out.with_name(f"{out.name}-{k}.png")
+        try:
+            table_png(png, g["rows"], g["published_label"] or "published")
+            written.append(png)
+        except PlotError as e:
+            print(f"note: no bar chart ({e})")
+            break
+    return "\n\n".join(g["markdown"] for g in groups) + "\n\nwrote " + ", ".join(map(str, written))
 
 
 def main(argv=None):
-    p = OneLineParser(description="Re-evaluate KDAD runs, or tabulate them.")
-    p.add_argument("runs", nargs="+", help="run folder(s) written by train.py")
-    p.add_argument("--table", action="store_true", help="print and write the per-class table of the runs")
-    p.add_argument("--table-out", default="table", help="path prefix of the table's .md and .csv (default: table)")
-    p.add_argument("--plots", action="store_true", help="write ROC, histogram, anomaly-map and training-curve PNGs "
-                                                        "into the run folder (needs matplotlib)")
-    p.add_argument("--maps", choices=["mismatch", "gradient"], default="mismatch",
-                   help="anomaly maps: student/teacher mismatch per location (default), or the paper's gradient "
-                        "of the score with respect to the pixels, smoothed")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: the run's own precision")
-    p.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default: 256)")
-    args = p.parse_args(argv)
-    if args.batch_size <= 0:
-        p.error(f"--batch-size must be positive, got {args.batch_size}")
+    args = cli.evaluate_args(argv)
     try:
         if args.table:
             print(write_table(args.runs, args.table_out))
-            print(f"wrote {args.table_out}.md and {args.table_out}.csv")
             return 0
         device = pick_device(args.device)
-        for run in args.runs:
+        for run in run_folders(args.runs):
             print(f"{run}:")
             evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)
     except (RunError, CheckpointError, DataError, PlotError) as e:

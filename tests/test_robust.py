@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -309,21 +310,26 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     argv[argv.index("--epochs") + 1] = "200"
 
     def start_and_wait_for_epochs(n):
+        # no timing in the assertions: the deadline only keeps a hung process from hanging the suite
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
             log = out / "log.jsonl"
             if log.exists() and len(log.read_text().splitlines()) >= n:
                 return proc
             time.sleep(0.02)
         proc.kill()
-        pytest.fail("the run did not get going")
+        pytest.fail(f"the run did not get going: {proc.communicate()[1][-500:]}")
 
     proc = start_and_wait_for_epochs(1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip().count("\n") == 0, err
-    assert "interrupted at epoch" in err and "--resume" in err
+    _, err = proc.communicate(timeout=900)
+    last = err.strip().splitlines()[-1]  # progress lines may come before it, on a slow machine
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    # where the signal lands (mid-epoch, or during an epoch's last step or validation) depends on the machine's
+    # speed; both are exact and resumable, and each is tested deterministically by the interrupt_at tests above
+    assert re.match(r"stopped: interrupted (at epoch \d+, step \d+|after epoch \d+); saved a resumable state", last)
+    assert "--resume" in last
 
     argv.append("--resume")
     proc = start_and_wait_for_epochs(3)
@@ -356,4 +362,4 @@ def test_evaluate_refuses_what_it_cannot_trust(files, tmp_path, capsys):
     sd["class_token"] += 1
     save(sd, teacher)
     fails(capsys, [str(out)], "has changed since training", "sha256", main=evaluate.main)
-    fails(capsys, ["--table", str(tmp_path / "notarun")], "holds no finished run", main=evaluate.main)
+    fails(capsys, ["--table", str(tmp_path / "notarun")], "is not a run folder", main=evaluate.main)

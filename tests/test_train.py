@@ -7,6 +7,7 @@ from functools import partial
 import pytest
 import torch
 
+import cli
 import evaluate
 import train
 from checkpoint import read_tensors
@@ -38,7 +39,7 @@ def test_end_to_end_and_evaluate_reproduces(files, tmp_path, backbone, capsys):
     assert results["n_train"] == 27 and results["n_test"] == 30 and results["selection"] == "final"
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["backbone"] == backbone and len(config["teacher"]["sha256"]) == 64
-    assert config["code"]["sources_sha256"]
+    assert config["code"][-1]["sources_sha256"] and config["code"][-1]["epochs"] == [1, 1]
     printed = capsys.readouterr().out
     assert "epoch   1/1" in printed and "img/s" in printed and "test AUROC" in printed
 
@@ -108,8 +109,9 @@ def test_all_classes_end_with_a_table(files, tmp_path, capsys):
     assert run(files, out, "vgg", cls="all") == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0-ant", "1-bee", "2-cow"]
     md = (out / "table.md").read_text()
-    assert md.count("\n") == 2 + 3 + 1 and "| mean |" in md
-    assert (out / "table.csv").read_text().startswith("class,name,test_auroc")
+    assert md.startswith("### vgg, teacher vgg, data data, 1 epochs") and "| mean |" in md
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3 + 1  # header, 3 classes, mean
+    assert (out / "table.csv").read_text().startswith("group,class,name,test_auroc")
     assert "| 2 | cow |" in capsys.readouterr().out
 
 
@@ -168,7 +170,7 @@ def test_feature_cache_holds_the_teacher_features(files):
     kdad = KDAD(teacher, make_student("vgg", teacher), vgg_taps())
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, "cpu")
-    cache = train.feature_cache(kdad, images, prep, evaluate.autocast(torch.device("cpu"), "fp32"), 2,
+    cache = train.feature_cache(kdad, images, prep, cli.autocast(torch.device("cpu"), "fp32"), 2,
                                 torch.device("cpu"), "fp32")
     direct = kdad.teacher_features(prep(images, center(5, 32)), kdad.taps.train_teacher)
     assert [c.shape for c in cache] == [d.shape for d in direct]

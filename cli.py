@@ -1,0 +1,198 @@
+"""What a user chooses and sees on the command line: the flags of train.py and evaluate.py, the device and precision
+they run on, and the progress bars they watch.
+
+This module imports no torch at module level: train.py and evaluate.py parse their flags with it *before* importing
+torch (about 5 s and 900 MB with a CUDA build), so `--help` and a mistyped flag answer at once. The device helpers
+import torch when they are called.
+
+    args = cli.train_args(["--backbone", "vit", "--cls", "3"])   # argparse.Namespace; bad flags exit with one line
+    device = cli.pick_device(args.device)                         # torch.device, checked against this machine
+    for x in cli.progress(batches, total=len(batches), desc="epoch 1"): ...
+"""
+import argparse
+import sys
+from contextlib import nullcontext
+
+from checkpoint import DEFAULT_TEACHER, PRESETS
+
+
+class RunError(ValueError):
+    """A run folder or a setting that cannot be used; the message says what is wrong and what to do."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line (what is wrong, where to look) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+## --------------------------------------------------------------------------------------------------------
+## train.py
+
+def train_parser() -> OneLineParser:
+    p = OneLineParser(prog="train.py",
+                      description="Multiresolution knowledge distillation for anomaly detection (KDAD): train a "
+                                  "student on one normal class and report its test ROC AUC.")
+    g = p.add_argument_group("what to train")
+    g.add_argument("--backbone", required=True, choices=["vgg", "vit"])
+    g.add_argument("--cls", required=True, help="normal class: a folder name, an index (0-9 on CIFAR-10, e.g. 3 = "
+                                                "cat), or all")
+    g.add_argument("--teacher", help=f"preset ({', '.join(PRESETS)}), http(s) address or .safetensors path "
+                                     f"(default: {DEFAULT_TEACHER['vit']} for vit, {DEFAULT_TEACHER['vgg']} for vgg)")
+    g.add_argument("--cache-dir", help="where presets are downloaded (default: $KDAD_CACHE or ~/.cache/kdad-vit)")
+    g.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input mean the teacher expects (default: its checkpoint family's)")
+    g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="input std the teacher expects (default: its checkpoint family's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="image folder with train/<class>/ and test/<class>/ (default: CIFAR-10)")
+    g.add_argument("--data-root", default="./data", help="where torchvision's CIFAR-10 is downloaded (default: ./data)")
+    g.add_argument("--image-size", type=int, default=224, help="crop size; the resize keeps 256/224 (default: 224)")
+    g.add_argument("--limit", type=int, help="at most N images per split, for quick runs (default: all)")
+    g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit)")
+    g.add_argument("--epochs", type=int, help="vgg 200, vit 10")
+    g.add_argument("--batch-size", type=int, help="vgg 64, vit 128")
+    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5)")
+    g.add_argument("--lam", type=float, default=0.01, help="weight of the MSE (value) term (default: 0.01)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, the student and the batches (default: 0)")
+    g.add_argument("--select", choices=["final", "val-auroc"], default="final",
+                   help="model selection: the final epoch (default), or the best validation AUROC, which uses "
+                        "anomaly labels of the validation images (recorded in results.json)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus the image "
+                                 "size, limit and epochs where they are not the recipe's)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="bf16 autocast with fp32 weights, or fp32 (default: bf16 where the hardware has it)")
+    g.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
+    g.add_argument("--no-cache", action="store_true", help="recompute the teacher's features every epoch (vgg)")
+    g.add_argument("--plain", action="store_true", help="the slow reference path (PIL per image, written-out "
+                   "attention, no cache), to check that the fast path computes the same thing")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for scoring (default: 256)")
+    return p
+
+
+def train_args(argv=None) -> argparse.Namespace:
+    """Parse and check train.py's flags; recipe values left out stay None (train.py fills in the recipe's)."""
+    p = train_parser()
+    args = p.parse_args(argv)
+    for name in ("epochs", "batch_size", "lr", "image_size", "eval_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.lam < 0:
+        p.error(f"--lam must be >= 0, got {args.lam}")
+    if args.limit is not None and args.limit < 2:
+        p.error(f"--limit must be at least 2 (one normal and one anomalous test image), got {args.limit}")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other")
+    return args
+
+
+## --------------------------------------------------------------------------------------------------------
+## evaluate.py
+
+def evaluate_parser() -> OneLineParser:
+    p = OneLineParser(prog="evaluate.py", description="Re-evaluate KDAD runs, or tabulate them.")
+    p.add_argument("runs", nargs="+", help="run folder(s) written by train.py; a --cls all folder stands for the "
+                                           "class runs inside it")
+    p.add_argument("--table", action="store_true", help="print and write the per-class table of the runs")
+    p.add_argument("--table-out", help="path prefix of the table's .md, .csv and .png (default: 'table' beside the "
+                                       "runs: inside a single folder given, else in the runs' common parent)")
+    p.add_argument("--plots", action="store_true", help="write ROC, histogram, anomaly-map and training-curve PNGs "
+                                                        "into the run folder (needs matplotlib)")
+    p.add_argument("--maps", choices=["mismatch", "gradient"], default="mismatch",
+                   help="anomaly maps: student/teacher mismatch per location (default), or the paper's gradient "
+                        "of the score with respect to the pixels, smoothed")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: the run's own precision")
+    p.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default: 256)")
+    return p
+
+
+def evaluate_args(argv=None) -> argparse.Namespace:
+    p = evaluate_parser()
+    args = p.parse_args(argv)
+    if args.batch_size <= 0:
+        p.error(f"--batch-size must be positive, got {args.batch_size}")
+    return args
+
+
+## --------------------------------------------------------------------------------------------------------
+## Device and precision, chosen once per process.
+
+def pick_device(name: str | None):
+    """torch.device for --device: 'auto' (or None) is cuda when there is a GPU, else cpu. Raises RunError for a
+    device this machine does not have."""
+    import torch
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RunError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name} but this machine has no usable CUDA GPU: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0 .. "
+                       f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def bf16_supported(device) -> bool:
+    """Native bf16 only: CUDA compute capability 8.0+ (Ampere on), or a CPU with AVX-512 BF16. Older GPUs
+    (T4, V100) only emulate it, slower than fp32."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return device.type == "cpu" and bool(is_bf16())
+
+
+def pick_precision(name: str, device) -> str:
+    """'auto' is bf16 where the hardware has it (CUDA, CPUs with AVX-512 BF16), else fp32."""
+    return ("bf16" if bf16_supported(device) else "fp32") if name == "auto" else name
+
+
+def autocast(device, precision: str):
+    """A factory of autocast contexts: bf16 compute with fp32 master weights, or plain fp32."""
+    import torch
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+## --------------------------------------------------------------------------------------------------------
+## Progress: tqdm's bar on a terminal; in a log file, one plain line per interval instead of carriage returns.
+
+class _Lines:
+    """A stream for tqdm that turns each redraw ('\\r' + bar) into one line of its own (for redirected output)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s):
+        s = s.replace("\r", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(iterable, total: int, desc: str, interval: float = 30.0):
+    """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left). On a terminal the bar redraws
+    in place and is cleared at the end; when stderr is not a terminal a line is written at most every `interval`
+    seconds (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is closed before any message that follows
+    (a Ctrl-C or error line then starts on a line of its own)."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                    unit="batch")
+    return tqdm(iterable, total=total, desc=desc, file=_Lines(sys.stderr), mininterval=interval, delay=interval,
+                ncols=100, ascii=True, unit="batch")

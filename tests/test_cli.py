@@ -1,0 +1,49 @@
+"""The command lines answer --help and bad flags before importing torch; progress output suits where it goes."""
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(*argv) -> tuple[set, subprocess.CompletedProcess]:
+    """Run a script with -X importtime and return the top-level modules it imported (and the process)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
+    return modules, proc
+
+
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"],
+                                  ["train.py", "--backbone", "resnet", "--cls", "3"],
+                                  ["train.py", "--backbone", "vit", "--cls", "3", "--epochs", "0"],
+                                  ["evaluate.py", "runs/x", "--batch-size", "0"]])
+def test_help_and_flag_errors_come_before_torch(argv):
+    modules, proc = imported_modules(*argv)
+    assert "torch" not in modules and "torchvision" not in modules and "sklearn" not in modules, sorted(modules)
+    if "--help" in argv:
+        assert proc.returncode == 0 and "usage:" in proc.stdout
+    else:
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_progress_writes_lines_when_not_a_terminal(monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with cli.progress(range(5), total=5, desc="epoch 1/1", interval=0) as bar:
+        for _ in bar:
+            pass
+    lines = err.getvalue().splitlines()
+    assert lines and "\r" not in err.getvalue() and all(line.startswith("epoch 1/1") for line in lines)
+    assert "5/5" in lines[-1]
+    err.truncate(0)
+    err.seek(0)
+    with cli.progress(range(5), total=5, desc="quick", interval=3600) as bar:  # ends before the first interval
+        list(bar)
+    assert err.getvalue() == ""

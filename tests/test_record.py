@@ -1,0 +1,173 @@
+"""The run record matches what ran: tables group comparable runs, resume compares what matters, names tell runs
+apart, figures are what they say (record.py, evaluate.py's tables)."""
+import json
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import record
+import train
+from data import CIFAR10_CLASSES
+from helpers import image_folder, vgg16_file, vit_teacher_file
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("files")
+    return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
+            "vgg": vgg16_file(d / "vgg.safetensors")}
+
+
+def argv_for(files, out, backbone="vit", *extra, cls="bee"):
+    return ["--backbone", backbone, "--cls", cls, "--teacher", files[backbone], "--data-dir", files["data"],
+            "--image-size", "32", "--epochs", "1", "--batch-size", "8", *(["--out", str(out)] if out else []), *extra]
+
+
+## --------------------------------------------------------------------------------------------------------
+## Tables (items 1-4).
+
+def fake_run(folder: Path, backbone="vgg", cls=3, name="cat", auroc=0.8, seed=0, data_dir=None, cifar10=True,
+             teacher="sha-a", classes=CIFAR10_CLASSES):
+    """A finished run folder with the config.json and results.json fields that tables read."""
+    folder.mkdir(parents=True)
+    settings = {"backbone": backbone, "cls": cls, "class_name": name, "seed": seed, "data_dir": data_dir,
+                "data": data_dir or record.TORCHVISION_CIFAR10, "epochs": 1, "batch_size": 8, "lr": 1e-3,
+                "lam": 0.01, "image_size": 32, "limit": None, "select": "final", "teacher_mean": None,
+                "teacher_std": None}
+    config = {"settings": settings, "teacher": {"sha256": teacher, "name": f"{teacher}.safetensors",
+                                                "short_name": teacher},
+              "data": {"cifar10": cifar10, "classes": list(classes)}}
+    results = {"backbone": backbone, "cls": cls, "class_name": name, "test_auroc": auroc, "val_auroc": auroc,
+               "seed": seed}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_published_column_only_for_cifar10_matched_by_name(tmp_path):
+    custom = [fake_run(tmp_path / "pets" / f"{i}-{n}", cls=i, name=n, data_dir="/x/pets", cifar10=False,
+                       classes=("cat", "dog")) for i, n in enumerate(("cat", "dog"))]
+    (group,) = evaluate.tables(custom)
+    assert group["published_label"] is None and all(r["published"] is None for r in group["rows"])
+    assert "90.53" not in group["markdown"]  # the paper's airplane figure beside 'cat' (the reported bug)
+
+    cifar = [fake_run(tmp_path / "c10" / f"{i}-{n}", cls=i, name=n) for i, n in ((3, "cat"), (8, "ship"))]
+    (group,) = evaluate.tables(cifar)
+    assert [r["published"] for r in group["rows"][:2]] == [77.02, 91.45]  # cat and ship in the paper's table
+    assert "Salehi et al. 2021" in group["markdown"] and "shared/docs" not in group["markdown"]
+
+
+def test_runs_of_different_backbones_are_not_averaged(tmp_path, capsys):
+    runs = [fake_run(tmp_path / "vgg", "vgg", auroc=0.52), fake_run(tmp_path / "vit", "vit", auroc=0.55)]
+    groups = evaluate.tables(runs)
+    assert len(groups) == 2
+    assert sorted(g["rows"][0]["test_auroc"] for g in groups) == pytest.approx([52.0, 55.0])
+    assert all(g["rows"][0]["runs"] == 1 and g["rows"][0]["std"] is None for g in groups)
+    seeds = [fake_run(tmp_path / f"s{s}", "vgg", auroc=a, seed=s) for s, a in ((0, 0.5), (1, 0.6))]
+    (group,) = evaluate.tables(seeds)  # the same experiment with two seeds: mean and std
+    assert group["rows"][0]["runs"] == 2 and group["rows"][0]["test_auroc"] == pytest.approx(55.0)
+    other_teacher = fake_run(tmp_path / "t2", "vgg", teacher="sha-b")
+    assert len(evaluate.tables(seeds + [other_teacher])) == 2
+
+
+def test_table_files_go_beside_the_runs_and_are_named(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runs = [fake_run(tmp_path / "runs" / "all-s0" / f"{i}-{n}", cls=i, name=n) for i, n in ((3, "cat"), (5, "dog"))]
+    assert evaluate.main(["--table", str(tmp_path / "runs" / "all-s0")]) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "runs" / "all-s0" / "table.md") in printed
+    assert (tmp_path / "runs" / "all-s0" / "table.csv").is_file() and not list(work.iterdir())
+    other = fake_run(tmp_path / "runs" / "all-s1" / "3-cat", cls=3, name="cat", seed=1)
+    assert evaluate.main(["--table", str(runs[0]), str(other)]) == 0
+    assert (tmp_path / "runs" / "table.md").is_file()  # several folders: their common parent
+    assert evaluate.main(["--table", str(runs[0]), "--table-out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine.md").is_file() and not list(work.iterdir())
+
+
+def test_evaluate_an_all_classes_folder(files, tmp_path, capsys):
+    out = tmp_path / "all"
+    assert train.main(argv_for(files, out, "vgg", cls="all")) == 0
+    printed = capsys.readouterr().out
+    assert "class 1/3: 0-ant" in printed and "class 3/3: 2-cow" in printed
+    assert evaluate.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    for sub in ("0-ant", "1-bee", "2-cow"):
+        assert f"{out / sub}:" in printed
+    assert printed.count("test_auroc:") == 3
+
+
+## --------------------------------------------------------------------------------------------------------
+## Resume (items 5, 6).
+
+def test_resume_after_the_code_changed_warns_and_keeps_every_version(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    old = {"git": "aaaa", "sources_sha256": "1111"}
+    monkeypatch.setattr(record, "code_version", lambda: old)
+    assert train.main(argv_for(files, out)) == 0
+    capsys.readouterr()
+    new = {"git": "bbbb", "sources_sha256": "2222"}
+    monkeypatch.setattr(record, "code_version", lambda: new)
+    assert train.main(argv_for(files, out, "vit", "--epochs", "3", "--resume")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "code changed" in warning[0] and "1111 -> 2222" in warning[0]
+    code = json.loads((out / "config.json").read_text())["code"]
+    assert code == [old | {"epochs": [1, 1]}, new | {"epochs": [2, 3]}]
+    # the same code again: no warning, the history grows in place
+    assert train.main(argv_for(files, out, "vit", "--epochs", "4", "--resume")) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["code"][-1]["epochs"] == [2, 4]
+
+
+def test_resume_from_another_working_directory(files, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    data = Path(files["data"])
+    monkeypatch.chdir(data.parent)
+    assert train.main(argv_for(files, out, "vit", "--data-dir", data.name)) == 0  # a relative --data-dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # --data-root ('./data', unused with --data-dir) now resolves elsewhere
+    assert train.main(argv_for(files, out, "vit", "--epochs", "2", "--resume")) == 0
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+
+
+## --------------------------------------------------------------------------------------------------------
+## Names (item 7) and speed (item 8).
+
+def test_default_run_folders_tell_runs_apart(files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = ["--backbone", "vit", "--cls", "bee", "--teacher", files["vit"], "--data-dir", files["data"],
+             "--image-size", "32", "--epochs", "1", "--limit", "20"]
+    assert train.main(quick) == 0
+    assert train.main(quick[:-2]) == 0  # the same without --limit: another folder, not a refusal
+    assert train.main(quick[:2] + ["--cls", "1"] + quick[4:-2] + ["--resume"]) == 0  # index 1 = bee: same run
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert names == ["vit-vit-data-bee-s0-32px-1ep", "vit-vit-data-bee-s0-32px-limit20-1ep"]
+
+
+def test_teacher_names_for_runs():
+    name = record.teacher_name
+    hub = Path("/c/hub/models--facebook--dinov2-small/snapshots/0a1b/model.safetensors")
+    assert name(str(hub), hub, None) == "dinov2-small"
+    assert name("https://hf.co/google/vit-base/resolve/main/model.safetensors", Path("/c/x.safetensors"), None) \
+        == "vit-base"
+    assert name("t/mine/model.safetensors", Path("t/mine/model.safetensors"), None) == "mine"
+    assert name("t/dino.safetensors", Path("t/dino.safetensors"), None) == "dino"
+    assert name("vgg16", Path("/c/vgg16-123.safetensors"), "vgg16") == "vgg16"
+    default = record.default_run_dir("vit", "dino", None, "cat", 0, 224, None, 10, 10)
+    assert default == Path("runs/vit-dino-cat-s0")
+    assert record.default_run_dir("vit", "dino", "pets", "cat", 1, 32, 300, 1, 10) == \
+        Path("runs/vit-dino-pets-cat-s1-32px-limit300-1ep")
+
+
+def test_training_speed_is_all_images_over_all_seconds(files, tmp_path):
+    out = tmp_path / "r"
+    assert train.main(argv_for(files, out, "vit", "--epochs", "3")) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    images, seconds = sum(r["images"] for r in log), sum(r["seconds"] for r in log)
+    assert images == 3 * 27 and results["train_images"] == images
+    assert results["train_images_per_s"] == pytest.approx(images / seconds)
+    assert all(r["images_per_s"] == pytest.approx(r["images"] / r["seconds"]) for r in log)

@@ -59,6 +59,8 @@ def train_parser() -> OneLineParser:
     g.add_argument("--select", choices=["final", "val-auroc"], default="final",
                    help="model selection: the final epoch (default), or the best validation AUROC, which uses "
                         "anomaly labels of the validation images (recorded in results.json)")
+    g.add_argument("--knn-k", type=int, default=2,
+                   help="neighbours of the teacher-alone kNN baseline scored beside KDAD (default: 2; 0 skips it)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus the image "
                                  "size, limit and epochs where they are not the recipe's)")
@@ -85,6 +87,8 @@ def train_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.lam < 0:
         p.error(f"--lam must be >= 0, got {args.lam}")
+    if args.knn_k < 0:
+        p.error(f"--knn-k must be >= 0 (0 skips the kNN baseline), got {args.knn_k}")
     if args.limit is not None and args.limit < 2:
         p.error(f"--limit must be at least 2 (one normal and one anomalous test image), got {args.limit}")
     if args.resume and args.overwrite:

@@ -45,7 +45,10 @@ def vgg_taps() -> Taps:
 
 def vit_taps(teacher_depth: int, student_depth: int = 4) -> Taps:
     """Student blocks 1..4 against evenly spaced teacher blocks ending at the last (3, 6, 9, 12 for a 12-block
-    teacher) for training; the score drops the first pair. ViT.forward()[i] is the output of block i."""
+    teacher) for training; the score drops the first pair. ViT.forward()[i] is the output of block i.
+
+    For both backbones the last training tap of the teacher is its last output (pool5, block L): a cache of the
+    training taps therefore also holds what image_embedding needs."""
     student = tuple(range(1, student_depth + 1))
     teacher = tuple(max(1, (teacher_depth * k + student_depth // 2) // student_depth) for k in student)
     return Taps(student, teacher, student[1:], teacher[1:])
@@ -124,9 +127,14 @@ class KDAD:
     def __init__(self, teacher, student, taps: Taps, lam: float = LAMBDA):
         self.teacher, self.student, self.taps, self.lam = teacher, student, taps, lam
 
-    def teacher_features(self, x, indices: tuple) -> list:
+    def teacher_pass(self, x, indices: tuple) -> tuple[list, torch.Tensor]:
+        """One frozen-teacher forward: the tapped features and the global image feature (image_embedding)."""
         with torch.no_grad():  # the teacher is frozen: its features are targets, not part of the graph
-            return tapped(self.teacher(x), indices)
+            outputs = self.teacher(x)
+            return tapped(outputs, indices), image_embedding(self.teacher, outputs[-1])
+
+    def teacher_features(self, x, indices: tuple) -> list:
+        return self.teacher_pass(x, indices)[0]
 
     def loss(self, x, teacher_feats: list | None = None) -> torch.Tensor:
         """Training loss of a batch; teacher_feats (training taps) may come from a cache instead."""
@@ -152,11 +160,37 @@ class KDAD:
         k = 2 * int(3 * sigma) + 1
         return gaussian_blur(g, kernel_size=[k, k], sigma=[sigma, sigma])[:, 0]
 
-    def score(self, x, train_taps: bool = False) -> torch.Tensor:
-        """Per-image anomaly score (B,); train_taps=True gives the per-image training loss instead."""
+    def score_and_embedding(self, x, train_taps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image anomaly score (B,) and the teacher's global image feature (B, D) from the same teacher pass;
+        train_taps=True gives the per-image training loss instead of the score."""
         t = self.taps
         s_idx, t_idx = (t.train_student, t.train_teacher) if train_taps else (t.score_student, t.score_teacher)
-        return anomaly_score(tapped(self.student(x), s_idx), self.teacher_features(x, t_idx), self.lam)
+        teacher_feats, embedding = self.teacher_pass(x, t_idx)
+        return anomaly_score(tapped(self.student(x), s_idx), teacher_feats, self.lam), embedding
+
+    def score(self, x, train_taps: bool = False) -> torch.Tensor:
+        """Per-image anomaly score (B,); train_taps=True gives the per-image training loss instead."""
+        return self.score_and_embedding(x, train_taps)[0]
+
+
+## --------------------------------------------------------------------------------------------------------
+## The teacher alone: one global feature per image, for the kNN baseline that shows what distillation adds
+## (evaluate.knn_scores). No training: a frozen pretrained network and the normal training images are all it uses.
+
+def image_embedding(teacher, last: torch.Tensor) -> torch.Tensor:
+    """(B, D) float32 global image feature from the teacher's last output `last` (no gradient).
+
+    - ViT, last = (B, tokens, D): the CLS token after the final LayerNorm, the representation of the whole image
+      that a ViT's classification head reads (Dosovitskiy et al. 2021, eq. 4) and that DINO's k-NN evaluation
+      and Transformaly's pretrained-feature score use; a checkpoint without a final LayerNorm gives the raw token.
+    - VGG16, last = pool5 (B, 512, H/32, W/32): averaged over its positions, the global-average-pooled last
+      feature map that DN2 and PANDA take from their ResNets (Bergman et al. 2020, arXiv 2002.10445; Reiss et al.
+      2021, arXiv 2010.05903)."""
+    if last.dim() == 4:
+        return last.float().mean(dim=(2, 3))
+    norm = getattr(teacher, "norm", None)
+    cls = last[:, 0]
+    return (norm(cls) if norm is not None else cls).float()
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
@@ -47,18 +48,52 @@ PUBLISHED = {
 ## Scoring and AUROC.
 
 @torch.inference_mode()
-def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, train_taps=False, plain=False):
-    """Per-image scores (CPU float tensor) of uint8 images, center-cropped; teacher and student in one pass."""
+def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, train_taps=False, plain=False,
+                 embed=False):
+    """Per-image anomaly scores (N,) float32 on the CPU of uint8 images (N, 3, h, w), center-cropped, teacher and
+    student in one pass per batch. embed=True returns (scores, embeddings): the teacher's global image features
+    (N, D) float32 from the same passes (distill.image_embedding), for the kNN baseline."""
     kdad.student.eval()
     order = torch.arange(len(images))
-    scores = []
+    scores, embeddings = [], []
     n = (len(images) + batch_size - 1) // batch_size
     with progress(batches(images, order, center(len(images), prep.size), batch_size, prep, plain), n,
                   "scoring") as bar:
         for _, x in bar:
             with amp():
-                scores.append(kdad.score(x, train_taps).float())
-    return torch.cat(scores).cpu() if scores else torch.zeros(0)
+                score, embedding = kdad.score_and_embedding(x, train_taps)
+            scores.append(score.float().cpu())
+            embeddings.append(embedding.float().cpu())
+    scores = torch.cat(scores) if scores else torch.zeros(0)
+    return (scores, torch.cat(embeddings)) if embed else scores
+
+
+@torch.inference_mode()
+def teacher_embeddings(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, plain=False) -> torch.Tensor:
+    """(N, D) float32 CPU teacher image features of uint8 images, center-cropped: a teacher-only pass."""
+    out = []
+    n = (len(images) + batch_size - 1) // batch_size
+    with progress(batches(images, torch.arange(len(images)), center(len(images), prep.size), batch_size, prep,
+                          plain), n, "teacher features") as bar:
+        for _, x in bar:
+            with amp():
+                out.append(kdad.teacher_pass(x, ())[1].float().cpu())
+    return torch.cat(out)
+
+
+def knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Anomaly score of each query (M,) float32: its mean cosine distance (1 - cos, in [0, 2]) to its k nearest
+    neighbours among the bank (N, D) of normal training features; queries (M, D). The k-nearest-neighbour score
+    of DN2 (Bergman et al. 2020), with the cosine distance used by PANDA's successors (Reiss & Hoshen 2021,
+    arXiv 2106.03844). Raises ValueError unless 1 <= k <= N."""
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k = {k} nearest neighbours need at least {k} training images; there are {len(bank)}")
+    bank = F.normalize(bank.float(), dim=1)
+    out = []
+    for q in F.normalize(queries.float(), dim=1).split(chunk):  # (chunk, N) similarities at a time
+        nearest = (q @ bank.T).topk(k, dim=1).values                # (chunk, k) largest cosine similarities
+        out.append((1 - nearest).mean(dim=1))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def auroc(scores, labels) -> float | None:
@@ -112,12 +147,17 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
     or "gradient" (the kind of anomaly map drawn)."""
     cfg, kdad, data, prep, amp = load_run(run_dir, device, precision)
     plain = cfg["settings"].get("plain", False)
-    val = score_images(kdad, data.val, prep, amp, batch_size, plain=plain)
-    test = score_images(kdad, data.test, prep, amp, batch_size, plain=plain)
+    val, val_embedding = score_images(kdad, data.val, prep, amp, batch_size, plain=plain, embed=True)
+    test, test_embedding = score_images(kdad, data.test, prep, amp, batch_size, plain=plain, embed=True)
     out = {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu())}
+    k = cfg["settings"].get("knn_k", 0)
+    if k:  # the teacher-alone baseline, recomputed from a teacher pass over the training images
+        bank = teacher_embeddings(kdad, data.train, prep, amp, batch_size, plain)
+        out["knn_val_auroc"] = auroc(knn_scores(bank, val_embedding, k), data.val_labels.cpu())
+        out["knn_test_auroc"] = auroc(knn_scores(bank, test_embedding, k), data.test_labels.cpu())
     saved = read_json(Path(run_dir) / "results.json") if (Path(run_dir) / "results.json").is_file() else {}
-    for k, v in out.items():
-        print(f"{k}: {fmt(v, 4, 1)}" + (f"  (results.json: {fmt(saved[k], 4, 1)})" if k in saved else ""))
+    for key, v in out.items():
+        print(f"{key}: {fmt(v, 4, 1)}" + (f"  (results.json: {fmt(saved[key], 4, 1)})" if key in saved else ""))
     if plots:
         draw_run(Path(run_dir), cfg, kdad, data, prep, amp, test, out["test_auroc"], plots)
     return out
@@ -167,24 +207,29 @@ def group_rows(runs: list[tuple[dict, dict]]) -> tuple[list[dict], str | None]:
     for (cls, name), rs in sorted(by_class.items()):
         aucs = np.array([r["test_auroc"] for r in rs]) * 100
         vals = [r["val_auroc"] for r in rs if r.get("val_auroc") is not None]
+        knn = [r["knn_test_auroc"] for r in rs if r.get("knn_test_auroc") is not None]
         rows.append({"class": cls, "name": name, "test_auroc": float(aucs.mean()),
                      "std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None, "runs": len(aucs),
                      "val_auroc": 100 * float(np.mean(vals)) if vals else None,
+                     "knn_test_auroc": 100 * float(np.mean(knn)) if len(knn) == len(rs) else None,
                      "published": published[CIFAR10_CLASSES.index(name)] if cifar and published else None})
     def mean(key):
         values = [r[key] for r in rows]
         return float(np.mean(values)) if values and all(v is not None for v in values) else None
     rows.append({"class": "mean", "name": "", "test_auroc": mean("test_auroc"), "std": None,
                  "runs": sum(r["runs"] for r in rows), "val_auroc": mean("val_auroc"),
+                 "knn_test_auroc": mean("knn_test_auroc"),
                  "published": mean("published") if len(rows) == 10 else None})
     return rows, (label if cifar and published else None)
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| class | name | test AUROC (%) | val AUROC (%) | runs | published (%) |", "|---|---|---|---|---|---|"]
+    lines = ["| class | name | test AUROC (%) | teacher kNN alone (%) | val AUROC (%) | runs | published (%) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         auc = fmt(r["test_auroc"], scale=1) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
-        lines.append(f"| {r['class']} | {r['name']} | {auc} | {fmt(r['val_auroc'], scale=1)} | {r['runs']} | "
+        lines.append(f"| {r['class']} | {r['name']} | {auc} | {fmt(r['knn_test_auroc'], scale=1)} | "
+                     f"{fmt(r['val_auroc'], scale=1)} | {r['runs']} | "
                      f"{fmt(r['published'], scale=1) if r['published'] is not None else ''} |")
     return "\n".join(lines)
 

@@ -31,8 +31,9 @@ from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointErro
 from cli import RunError, autocast, pick_device, pick_precision, progress
 from data import (CIFAR10_CLASSES, DataError, Preprocess, batches, center, class_index, one_class_data, open_source,
                   random_augment)
-from distill import KDAD, channels_last, load_teacher, make_student, place, student_config_for, taps_for
-from evaluate import auroc, load_student, score_images, write_table
+from distill import (KDAD, channels_last, image_embedding, load_teacher, make_student, place, student_config_for,
+                     taps_for)
+from evaluate import auroc, knn_scores, load_student, score_images, teacher_embeddings, write_table
 from record import TORCHVISION_CIFAR10, Run, Snapshots, default_run_dir, fresh_epoch, teacher_name
 from vit import set_fused_attn
 
@@ -223,27 +224,50 @@ def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
                 raise Stop(f"interrupted after epoch {epoch + 1}; {snaps.kept(True)}")
     finally:
         signal.signal(signal.SIGINT, previous)
-    return finish(args, kdad, student, data, prep, amp, run, history, snaps.state["best"])
+    return finish(args, kdad, student, data, prep, amp, run, history, snaps.state["best"], cache)
 
 
-def finish(args, kdad, student, data, prep, amp, run: Run, history, best) -> dict:
-    """Score validation and test once with the selected student and save it."""
+def finish(args, kdad, student, data, prep, amp, run: Run, history, best, cache) -> dict:
+    """Score validation and test once with the selected student and save it; the teacher-alone kNN baseline comes
+    from the same teacher passes."""
     selected = args.epochs
     if args.select == "val-auroc":
         selected = best["epoch"]
         load_student(run.path / "best.safetensors", student)
         print(f"selected epoch {selected} by validation AUROC (this uses the validation images' anomaly labels)")
     t0 = time.time()
-    val = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
-    test = score_images(kdad, data.test, prep, amp, args.eval_batch_size, plain=args.plain)
+    val, val_embedding = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain, embed=True)
+    test, test_embedding = score_images(kdad, data.test, prep, amp, args.eval_batch_size, plain=args.plain,
+                                        embed=True)
     score_speed = (len(val) + len(test)) / (time.time() - t0)
     save_tensors(student.state_dict(), run.path / "student.safetensors")
     images, seconds = sum(r["images"] for r in history), sum(r["seconds"] for r in history)
-    return {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu()),
-            "val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
-            "selected_epoch": selected, "selection": args.select, "uses_anomaly_labels": args.select == "val-auroc",
-            "train_images": images, "train_seconds": seconds, "train_images_per_s": images / max(seconds, 1e-9),
-            "score_images_per_s": score_speed}
+    results = {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu()),
+               "val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
+               "selected_epoch": selected, "selection": args.select,
+               "uses_anomaly_labels": args.select == "val-auroc", "train_images": images, "train_seconds": seconds,
+               "train_images_per_s": images / max(seconds, 1e-9), "score_images_per_s": score_speed}
+    if args.knn_k:
+        results |= knn_baseline(args, kdad, data, prep, amp, cache, val_embedding, test_embedding)
+    return results
+
+
+def knn_baseline(args, kdad, data, prep, amp, cache, val_embedding, test_embedding) -> dict:
+    """The teacher alone, no training: val/test images scored by their mean cosine distance to the k nearest
+    normal training images in the teacher's global feature space (evaluate.knn_scores). The training images'
+    features come from the feature cache when there is one (its last tap is the teacher's last output), else
+    from one teacher-only pass; val/test features came with the scoring passes."""
+    t0 = time.time()
+    if cache is not None:
+        last = cache[-1]
+        bank = torch.cat([image_embedding(kdad.teacher, last[i:i + args.eval_batch_size].float()).cpu()
+                          for i in range(0, len(last), args.eval_batch_size)])
+    else:
+        bank = teacher_embeddings(kdad, data.train, prep, amp, args.eval_batch_size, args.plain)
+    val, test = knn_scores(bank, val_embedding, args.knn_k), knn_scores(bank, test_embedding, args.knn_k)
+    return {"knn_val_auroc": auroc(val, data.val_labels.cpu()), "knn_test_auroc": auroc(test, data.test_labels.cpu()),
+            "knn_k": args.knn_k, "knn_feature": "final normalised CLS token" if args.backbone == "vit" else
+            "pool5, global average", "knn_seconds": time.time() - t0}
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -264,6 +288,9 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     """Train and score one normal class into the run folder `run`; returns results.json's content."""
     started = time.time()
     data = one_class_data(source, cls, args.seed, args.limit)
+    if args.knn_k > len(data.train):
+        raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
+                       f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
     settings = {k: v for k, v in vars(args).items() if k != "optimizer"}
     settings |= {"cls": data.normal_class, "class_name": data.class_name, "precision": precision,
                  "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
@@ -290,8 +317,9 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
     run.write_results(results)
     val = "n/a (no anomalous validation images)" if results["val_auroc"] is None else f"{results['val_auroc']:.4f}"
+    knn = f"  (teacher kNN alone {results['knn_test_auroc']:.4f})" if args.knn_k else ""
     print(f"class {results['cls']} ({results['class_name']}): val AUROC {val}  test AUROC "
-          f"{results['test_auroc']:.4f}  ({results['seconds']:.0f} s)  -> {run}")
+          f"{results['test_auroc']:.4f}{knn}  ({results['seconds']:.0f} s)  -> {run}")
     return results
 
 

@@ -55,7 +55,8 @@ def train_parser() -> OneLineParser:
     g.add_argument("--batch-size", type=int, help="vgg 64, vit 128")
     g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5)")
     g.add_argument("--lam", type=float, default=0.01, help="weight of the MSE (value) term (default: 0.01)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, the student and the batches (default: 0)")
+    g.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="seeds the split, the student and the batches (default: 0); several seeds run one job each")
     g.add_argument("--select", choices=["final", "val-auroc"], default="final",
                    help="model selection: the final epoch (default), or the best validation AUROC, which uses "
                         "anomaly labels of the validation images (recorded in results.json)")
@@ -63,7 +64,8 @@ def train_parser() -> OneLineParser:
                    help="neighbours of the teacher-alone kNN baseline scored beside KDAD (default: 2; 0 skips it)")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus the image "
-                                 "size, limit and epochs where they are not the recipe's)")
+                                 "size, limit and epochs where they are not the recipe's; with several seeds, "
+                                 "OUT/s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
@@ -128,12 +130,15 @@ def evaluate_args(argv=None) -> argparse.Namespace:
 ## --------------------------------------------------------------------------------------------------------
 ## Device and precision, chosen once per process.
 
-def pick_device(name: str | None):
-    """torch.device for --device: 'auto' (or None) is cuda when there is a GPU, else cpu. Raises RunError for a
+def pick_device(name: str | None, local_rank: int | None = None):
+    """torch.device for --device: 'auto' (or None) is cuda when there is a GPU, else cpu. Under torchrun
+    (local_rank given) 'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK. Raises RunError for a
     device this machine does not have."""
     import torch
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -21,7 +21,10 @@ if __name__ == "__main__":  # flags first: --help and a mistyped flag answer bef
 import os  # the rest waits for the flag check above
 import signal
 import time
-from dataclasses import asdict
+import traceback
+from argparse import Namespace
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -291,7 +294,7 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     if args.knn_k > len(data.train):
         raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
                        f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
-    settings = {k: v for k, v in vars(args).items() if k != "optimizer"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("optimizer", "seeds")}
     settings |= {"cls": data.normal_class, "class_name": data.class_name, "precision": precision,
                  "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
                  "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
@@ -362,37 +365,136 @@ def with_recipe(args):
     return args
 
 
-def run_dirs(args, source, teacher_info) -> list[tuple[str, Path]]:
-    """(class, run folder) of each class to train: --cls all is every class that can be normal, each in its own
-    subfolder of one folder."""
+## --------------------------------------------------------------------------------------------------------
+## Jobs: one (class, seed) each, in the run folder a single-process run of it uses; spread over torchrun's processes.
+
+@dataclass
+class Job:
+    cls: str    # as --cls takes it: a folder name or an index
+    seed: int
+    run: Path
+
+
+def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
+    """The jobs of this command and where their table goes (None for one class and one seed).
+
+    One seed: runs/<name>-<class>-s<seed>, or for --cls all one folder runs/<name>-all-s<seed> holding a
+    <index>-<class> folder per class and the table. Several seeds (--seed 0 1 2): the same folders for each seed,
+    and the table over all of them in runs/<name>-<class or all>-s0-1-2/. --out replaces runs/<...>-s<seed> by
+    OUT (one seed) or OUT/s<seed> (several)."""
     data = Path(args.data_dir).resolve().name if args.data_dir else None
-    def default(cls_label):
-        return default_run_dir(args.backbone, teacher_info["short_name"], data, cls_label, args.seed,
-                               args.image_size, args.limit, args.epochs, RECIPES[args.backbone]["epochs"])
-    if args.cls != "all":
-        name = source.classes[class_index(source, args.cls)]
-        return [(args.cls, Path(args.out) if args.out else default(name))]
-    base = Path(args.out) if args.out else default("all")
-    return [(str(i), base / f"{i}-{name}") for i, name in enumerate(source.classes)]
+    def folder(label, seed):
+        if args.out:
+            return Path(args.out) / f"s{seed}" if len(args.seeds) > 1 else Path(args.out)
+        return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, args.image_size,
+                               args.limit, args.epochs, RECIPES[args.backbone]["epochs"])
+    if args.cls == "all":
+        label, classes = "all", [(str(i), f"{i}-{name}") for i, name in enumerate(source.classes)]
+    else:
+        label, classes = source.classes[class_index(source, args.cls)], [(args.cls, None)]
+    jobs = [Job(cls, seed, folder(label, seed) / sub if sub else folder(label, seed))
+            for seed in args.seeds for cls, sub in classes]
+    if len(jobs) == 1:
+        return jobs, None
+    if len(args.seeds) == 1:
+        return jobs, folder(label, args.seeds[0]) / "table"
+    return jobs, (Path(args.out) if args.out else folder(label, "-".join(map(str, args.seeds)))) / "table"
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank): torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or (0, 1, 0) for plain python."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def gather(obj, world: int) -> list:
+    """Every process's `obj`, in rank order (a list of one without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def setup(args, local_rank: int, world: int):
+    """Device, precision, teacher and data of this process. Under torchrun the first process of each machine
+    fetches the teacher and the data first and the others then read them from the cache, so no two processes
+    write the same file; an error in any process stops all of them, each with its own line."""
+    error, prepared = None, None
+    for turn in (True, False):  # local rank 0 first, then the others
+        if (local_rank == 0) == turn:
+            try:
+                device = pick_device(args.device, local_rank if world > 1 else None)
+                precision = pick_precision(args.precision, device)
+                if precision == "bf16":  # fp32 stays fp32; with bf16 autocast, let the rest of fp32 use TF32
+                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                teacher, info = prepare_teacher(args, device)
+                source = open_source(args.data_dir, args.data_root, args.image_size)
+                prepared = (device, precision, teacher, info, source)
+            except USER_ERRORS + (OSError,) as e:
+                error = e
+        if world > 1:
+            torch.distributed.barrier()
+    errors = gather(None if error is None else str(error), world)
+    if error is not None:
+        raise error
+    if any(errors):
+        raise RunError(f"another process could not start ({next(e for e in errors if e)})")
+    return prepared
+
+
+def run_jobs(args, rank: int, world: int, local_rank: int) -> int:
+    """Every job of this command; this process takes jobs rank, rank + world, ... With more than one job, a job
+    that fails is reported and the others go on; the table covers the finished runs and names the failed ones."""
+    device, precision, teacher, info, source = setup(args, local_rank, world)
+    print(f"device: {device}, precision: {precision}" + (f", process {rank + 1}/{world}" if world > 1 else ""))
+    jobs, table = plan(args, source, info)
+    mine = jobs[rank::world]
+    failed = []
+    for k, job in enumerate(mine, start=1):
+        if len(jobs) > 1:
+            print(f"{'class' if len(args.seeds) == 1 else 'job'} {k}/{len(mine)}: {job.run} (seed {job.seed})"
+                  + (f", process {rank + 1}/{world}" if world > 1 else ""))
+        try:
+            run_class(Namespace(**vars(args), seed=job.seed), source, job.cls, teacher, info, device, precision,
+                      Run(job.run))
+        except Exception as e:  # Ctrl-C (KeyboardInterrupt, or Stop "interrupted ...") stops every job
+            if len(jobs) == 1 or (isinstance(e, Stop) and str(e).startswith("interrupted")):
+                raise
+            failed.append(f"{job.run}: {job_error(e, job.run)}")
+            print(f"error: job {failed[-1]}; the other jobs go on", file=sys.stderr)
+    failed = [f for part in gather(failed, world) for f in part]
+    if table is not None and rank == 0:
+        finished = [job.run for job in jobs if (job.run / "results.json").is_file()]
+        if finished:
+            print(write_table(finished, table))
+        for f in failed:
+            print(f"failed: {f}")
+        if failed:
+            print(f"{len(failed)} of {len(jobs)} jobs failed; after fixing the cause, the same command with --resume "
+                  f"does only what is missing")
+    return 2 if failed else 0
+
+
+def job_error(e: Exception, run: Path) -> str:
+    """What went wrong with a job, in one line; the traceback of an unexpected error is kept in its run folder."""
+    if isinstance(e, Stop):
+        return f"stopped: {e}"
+    if isinstance(e, USER_ERRORS + (OSError,)):
+        return str(e)
+    if run.is_dir():
+        (run / "error.txt").write_text("".join(traceback.format_exception(e)))
+        return f"{type(e).__name__}: {e} (traceback in {run / 'error.txt'})"
+    return f"{type(e).__name__}: {e}"
 
 
 def main(argv=None) -> int:
     args = with_recipe(cli.train_args(argv))
+    rank, world, local_rank = distributed()
+    if world > 1:  # gloo only hands out the job list and gathers failures: the jobs themselves share nothing
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=30))
     try:
-        device = pick_device(args.device)
-        precision = pick_precision(args.precision, device)
-        if precision == "bf16":  # fp32 stays true fp32; with bf16 autocast, let the remaining fp32 matmuls use TF32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        teacher, info = prepare_teacher(args, device)
-        print(f"device: {device}, precision: {precision}")
-        source = open_source(args.data_dir, args.data_root, args.image_size)
-        jobs = run_dirs(args, source, info)
-        for k, (cls, path) in enumerate(jobs, start=1):
-            if len(jobs) > 1:
-                print(f"class {k}/{len(jobs)}: {path.name}")
-            run_class(args, source, cls, teacher, info, device, precision, Run(path))
-        if args.cls == "all":
-            print(write_table([path for _, path in jobs], jobs[0][1].parent / "table"))
+        return run_jobs(args, rank, world, local_rank)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -406,7 +508,9 @@ def main(argv=None) -> int:
         print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",
               file=sys.stderr)
         return 130
-    return 0
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -91,12 +91,12 @@ def test_evaluate_an_all_classes_folder(files, tmp_path, capsys):
     out = tmp_path / "all"
     assert train.main(argv_for(files, out, "vgg", cls="all")) == 0
     printed = capsys.readouterr().out
-    assert "class 1/3: 0-ant" in printed and "class 3/3: 2-cow" in printed
+    assert f"class 1/3: {out / '0-ant'} (seed 0)" in printed and f"class 3/3: {out / '2-cow'}" in printed
     assert evaluate.main([str(out)]) == 0
     printed = capsys.readouterr().out
     for sub in ("0-ant", "1-bee", "2-cow"):
         assert f"{out / sub}:" in printed
-    assert printed.count("test_auroc:") == 3
+    assert printed.count("\ntest_auroc:") == 3
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -1,12 +1,20 @@
-"""Pictures of a run: ROC curve, score histograms, anomaly maps, training curve; and the per-class bar chart.
+"""Pictures of a run: ROC curve, score histograms, anomaly maps, training curve; the per-class bar chart; and
+anomaly maps beside ground-truth defect masks (pixel-level data such as MVTec AD).
 
 matplotlib is optional: only `evaluate.py --plots` and `--table` drawing need it (pip install matplotlib).
-Every figure is a fixed size (FIGSIZE inches at DPI) so its PNG size is known.
+Every figure's size is known in advance (FIGSIZE inches at DPI; `masks_figsize(n)` for the mask figure, whose
+height grows with the number of images), so a test can check each PNG's size.
 
     python evaluate.py RUN --plots                  # roc.png, scores.png, maps.png, training.png in RUN
     python evaluate.py RUN --plots --maps gradient  # the paper's gradient maps instead
+
+Choices that hold for every figure: titles are wrapped to the figure's width (long teacher names included);
+anomaly maps use one perceptually uniform colour map (dark = low, bright = high) with a labelled colour bar; the
+bar chart's y-axis always shows the 50% chance line and starts at least 10 points below the lowest bar (or at 0).
 """
 import json
+import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +24,13 @@ from sklearn.metrics import roc_curve
 from data import ANOMALOUS, NORMAL, center
 
 DPI = 100
-FIGSIZE = {"roc": (5, 5), "scores": (6, 4), "training": (6, 4), "maps": (12, 8.4), "table": (9, 4)}
+FIGSIZE = {"roc": (5.5, 5.5), "scores": (6.5, 4.5), "training": (6.5, 4.5), "maps": (12, 7.6), "table": (11, 5.5)}
+MAP_CMAP = "inferno"     # perceptually uniform: black (low) .. red .. yellow-white (high), readable in grey too
+MASK_COLOR = "cyan"      # ground-truth outline: stands out on inferno's dark and bright ends and on photographs
+MAP_LABELS = {  # what one pixel of each kind of map means (colour-bar label)
+    "mismatch": "student-teacher mismatch at this pixel\n(its mean over the image is the anomaly score)",
+    "gradient": "|d score / d pixel|, smoothed\n(high = the score is most sensitive to this pixel)",
+}
 
 
 class PlotError(ValueError):
@@ -39,40 +53,73 @@ def save(fig, path: Path):
     print(f"wrote {path}")
 
 
+def wrap(text: str, width_in: float, fontsize: float = 12) -> str:
+    """Break text into lines that fit width_in inches at fontsize points. A DejaVu Sans character averages about
+    0.6 em, so 0.65 em leaves a margin; long names without spaces break at hyphens, or anywhere if they must."""
+    chars = max(10, int(width_in * 72 / (0.65 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## A run.
 
+def teacher_label(teacher: dict) -> str:
+    """config.json's teacher as a short name: the preset, or the file / address name without its suffix; a
+    teacher that has seen CIFAR-10 labels says so."""
+    name = teacher.get("preset") or Path(str(teacher["name"]).split("?")[0]).name
+    for suffix in (".safetensors", ".pth", ".bin", ".pt"):
+        name = name.removesuffix(suffix)
+    return name + (" (saw CIFAR-10 labels)" if teacher.get("label_leak") else "")
+
+
+def run_title(cfg: dict) -> str:
+    """'vit student, teacher dino-vitb16, normal class 3 (cat)': what a run's figures are of."""
+    s = cfg["settings"]
+    return (f"{s['backbone']} student, teacher {teacher_label(cfg['teacher'])}, "
+            f"normal class {s['cls']} ({s['class_name']})")
+
+
 def roc_png(path, scores, labels, auc, title):
+    """ROC curve of test scores (numpy (N,) float, higher = more anomalous) against labels (N,) in {0, 1}."""
     plt = pyplot()
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=FIGSIZE["roc"], layout="constrained")
-    ax.plot(fpr, tpr, label=f"AUROC {auc:.4f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
-    ax.set(xlabel="false positive rate (normal flagged)", ylabel="true positive rate (anomalies caught)",
-           title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.plot(fpr, tpr, label=f"AUROC {auc:.4f}\n({(labels == NORMAL).sum()} normal, "
+                            f"{(labels == ANOMALOUS).sum()} anomalous)")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance (AUROC 0.5)")
+    ax.set(xlabel="false positive rate (normal images flagged)", ylabel="true positive rate (anomalies caught)",
+           xlim=(0, 1), ylim=(0, 1.01), aspect="equal")
+    ax.set_title(wrap(title, FIGSIZE["roc"][0]))
     ax.legend(loc="lower right")
     save(fig, path)
 
 
 def scores_png(path, scores, labels, title):
+    """Histograms of the test scores of normal and anomalous images, each normalised to area 1."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE["scores"], layout="constrained")
     bins = np.histogram_bin_edges(scores, bins=50)
     for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
         ax.hist(scores[labels == kind], bins=bins, alpha=0.6, density=True, label=f"{name} ({(labels == kind).sum()})")
-    ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="density", title=title)
+    ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="density (area 1 per kind)")
+    ax.set_title(wrap(title, FIGSIZE["scores"][0]))
     ax.legend()
     save(fig, path)
 
 
 def training_png(path, log: list[dict], title):
+    """Training loss and validation loss on normal images per epoch (log.jsonl rows)."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=FIGSIZE["training"], layout="constrained")
     epochs = [r["epoch"] for r in log]
     ax.plot(epochs, [r["loss"] for r in log], "o-", label="training loss")
     ax.plot(epochs, [r["val_normal_loss"] for r in log], "s-", label="validation loss (normal images)")
-    ax.set(xlabel="epoch", ylabel="distillation loss", title=title)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="epoch", ylabel="distillation loss")
+    ax.set_title(wrap(title, FIGSIZE["training"][0]))
+    # whole epochs only, and half an epoch of room each side: one epoch is a point at 1, not an axis 0.96 .. 1.04
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
     ax.legend()
     save(fig, path)
 
@@ -83,49 +130,68 @@ def picks(scores, labels, k):
     for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
         idx = np.flatnonzero(labels == kind)
         order = idx[np.argsort(scores[idx])]
-        rows += [(f"{name}, most anomalous", order[::-1][:k]), (f"{name}, least anomalous", order[:k])]
+        rows += [(f"{name},\nmost anomalous", order[::-1][:k]), (f"{name},\nleast anomalous", order[:k])]
     return rows
 
 
-def maps_png(path, kdad, images, prep, amp, scores, labels, kind="mismatch", k=6):
-    """Test images with their anomaly maps overlaid: 4 rows (most / least anomalous, normal / anomalous)."""
-    plt = pyplot()
-    rows = picks(scores, labels, k)
-    chosen = np.concatenate([r[1] for r in rows])
-    x = prep(images[torch.as_tensor(chosen, device=images.device)], center(len(chosen), prep.size))
+def map_scale(maps: np.ndarray) -> tuple[float, float]:
+    """One colour scale for a whole figure (so maps compare): the 1st and 99th percentile, so a few extreme
+    pixels do not wash out the rest."""
+    lo, hi = np.percentile(maps, 1), np.percentile(maps, 99)
+    return float(lo), float(hi if hi > lo else lo + 1e-12)
+
+
+def compute_maps(kdad, x, amp, kind: str) -> np.ndarray:
+    """(B, S, S) float numpy anomaly maps of a preprocessed batch: 'mismatch' or the paper's 'gradient'."""
     with amp():
         if kind == "gradient":
             maps = kdad.gradient_map(x).float()
         else:
             with torch.inference_mode():
                 maps = kdad.anomaly_map(x).float()
+    return maps.cpu().numpy()
+
+
+def maps_png(path, kdad, images, prep, amp, scores, labels, kind="mismatch", k=4, title=""):
+    """Test images beside their anomaly maps: 4 rows (normal / anomalous, most / least anomalous), k pairs each,
+    one colour scale for all maps with a labelled colour bar."""
+    plt = pyplot()
+    rows = picks(scores, labels, k)
+    chosen = np.concatenate([r[1] for r in rows])
+    x = prep(images[torch.as_tensor(chosen, device=images.device)], center(len(chosen), prep.size))
+    maps = compute_maps(kdad, x, amp, kind)
     shown = (x.float() * prep.std + prep.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # undo normalising
-    maps = maps.cpu().numpy()
-    lo, hi = np.percentile(maps, 1), np.percentile(maps, 99)  # one colour scale for the whole grid
-    fig, axes = plt.subplots(len(rows), k, figsize=FIGSIZE["maps"], layout="constrained", squeeze=False)
-    i = 0
-    for r, (title, idx) in enumerate(rows):
+    lo, hi = map_scale(maps)
+    fig = plt.figure(figsize=FIGSIZE["maps"], layout="constrained")
+    # columns: image, map, gap, image, map, gap, ...: a narrow empty column keeps each pair together
+    grid = fig.add_gridspec(len(rows), 3 * k - 1, width_ratios=([1, 1, 0.15] * k)[:-1])
+    i, im, map_axes = 0, None, []
+    for r, (row_title, idx) in enumerate(rows):
         for c in range(k):
-            ax = axes[r, c]
-            ax.set_axis_off()
+            a, m = fig.add_subplot(grid[r, 3 * c]), fig.add_subplot(grid[r, 3 * c + 1])
+            map_axes.append(m)
+            for ax in (a, m):
+                ax.set_axis_off()
             if c < len(idx):
-                ax.imshow(shown[i])
-                ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
-                ax.set_title(f"{scores[idx[c]]:.3f}", fontsize=8)
+                a.imshow(shown[i])
+                im = m.imshow(maps[i], cmap=MAP_CMAP, vmin=lo, vmax=hi)
+                a.set_title(f"score {scores[idx[c]]:.3f}", fontsize=9, loc="left")
                 i += 1
-        axes[r, 0].text(-0.1, 0.5, title, transform=axes[r, 0].transAxes, rotation=90, va="center", ha="right",
-                        fontsize=9)
-    fig.suptitle(f"{kind} maps (score above each image)")
+            if c == 0:
+                a.text(-0.08, 0.5, row_title, transform=a.transAxes, rotation=90, va="center", ha="right",
+                       fontsize=10)
+    fig.colorbar(im, ax=map_axes, shrink=0.6, extend="both", label=MAP_LABELS[kind])
+    head = f"{kind} maps: test images beside their maps (one colour scale: dark = low, bright = high)"
+    fig.suptitle(wrap(head + (f"\n{title}" if title else ""), FIGSIZE["maps"][0] - 1))
     save(fig, path)
 
 
 def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, maps="mismatch"):
-    s = cfg["settings"]
-    title = f"{s['backbone']}, class {s['cls']} ({s['class_name']}), teacher {Path(cfg['teacher']['name']).name}"
+    title = run_title(cfg)
     scores, labels = test_scores.numpy(), data.test_labels.cpu().numpy()
     roc_png(run / "roc.png", scores, labels, test_auroc, f"test ROC: {title}")
     scores_png(run / "scores.png", scores, labels, f"test scores: {title}")
-    maps_png(run / "maps.png", kdad, data.test, prep, amp, scores, labels, maps)
+    maps_png(run / "maps.png", kdad, data.test, prep, amp, scores, labels, maps, title=title)
     log_path = run / "log.jsonl"
     if log_path.is_file():
         training_png(run / "training.png", [json.loads(line) for line in log_path.read_text().splitlines()],
@@ -133,20 +199,142 @@ def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, map
 
 
 ## --------------------------------------------------------------------------------------------------------
-## The per-class table against the published numbers.
+## Pixel-level ground truth: anomaly maps beside defect masks (MVTec AD style test sets).
 
-def table_png(path, rows: list[dict], label: str):
+MASK_PANEL_IN, MASK_WIDTH_IN, MASK_HEAD_IN = 2.6, 9.5, 1.7  # height per image row, width, title + colour bar
+
+
+def masks_figsize(n: int) -> tuple[float, float]:
+    """(width, height) in inches of maps_with_masks_png's figure for n images: one row of panels per image."""
+    return MASK_WIDTH_IN, MASK_HEAD_IN + MASK_PANEL_IN * n
+
+
+def maps_with_masks_png(path, images, maps, masks, titles, title, map_label="anomaly map (higher = more anomalous)"):
+    """For each image, three panels side by side: the image; its anomaly map with the ground-truth outline
+    (colour bar: `map_label`, which should name the value's meaning); the image with the outline.
+
+    images (N, H, W, 3) float in [0, 1]; maps (N, H, W) float, any units (one colour scale for all, 1st..99th
+    percentile); masks (N, H, W) bool, True = defect (an all-False mask is a defect-free image); titles: N strings
+    (e.g. the file name and its defect type). Raises ValueError on shapes that do not match, PlotError without
+    matplotlib. The outline is the 0.5 level contour of the mask, the boundary between its pixels and the rest.
+    """
+    images, maps, masks = np.asarray(images, dtype=np.float32), np.asarray(maps, dtype=np.float32), np.asarray(masks)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), got {images.shape}")
+    n = len(images)
+    if maps.shape != images.shape[:3] or masks.shape != images.shape[:3]:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} must both be (N, H, W) = {images.shape[:3]}")
+    if masks.dtype != bool:
+        raise ValueError(f"masks must be bool (True = defect), got {masks.dtype}")
+    if len(titles) != n or n == 0:
+        raise ValueError(f"need one title per image and at least one image: {len(titles)} titles, {n} images")
+    if n and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"images must be floats in [0, 1], got {images.min():g} .. {images.max():g} "
+                         f"(uint8 images: divide by 255)")
+    if not np.isfinite(maps).all():
+        raise ValueError("maps hold NaN or inf: a map must be finite everywhere to be drawn")
     plt = pyplot()
-    classes = [r for r in rows if r["class"] != "mean"]
-    names = [f"{r['class']} {r['name']}" for r in classes]
-    x = np.arange(len(classes))
+    lo, hi = map_scale(maps)
+    fig, axes = plt.subplots(n, 3, figsize=masks_figsize(n), layout="constrained", squeeze=False)
+    for i in range(n):
+        image_ax, map_ax, mask_ax = axes[i]
+        image_ax.imshow(images[i])
+        im = map_ax.imshow(maps[i], cmap=MAP_CMAP, vmin=lo, vmax=hi)
+        mask_ax.imshow(images[i])
+        if masks[i].any():
+            for ax in (map_ax, mask_ax):
+                ax.contour(masks[i].astype(np.float32), levels=[0.5], colors=MASK_COLOR, linewidths=1.5)
+        mask_ax.set_title("defect-free (empty mask)" if not masks[i].any()
+                          else f"ground truth ({masks[i].mean():.1%} of pixels)", fontsize=9)
+        image_ax.set_title(wrap(titles[i], MASK_WIDTH_IN / 3.5, 9), fontsize=9)
+        map_ax.set_title(f"map (mean {maps[i].mean():#.3g})", fontsize=9)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    # under the map column, horizontal: the three columns keep their even spacing
+    fig.colorbar(im, ax=axes[:, 1], location="bottom", extend="both", label=wrap(map_label, 4.5, 10))
+    fig.suptitle(wrap(f"{title}\n{MASK_COLOR} line: ground-truth defect outline", MASK_WIDTH_IN))
+    save(fig, path)
+
+
+## --------------------------------------------------------------------------------------------------------
+## The per-class bar chart: this project's test AUROC beside the teacher-alone kNN baseline and published numbers.
+
+SERIES = (  # (row field, legend label, colour); a series is drawn only when some row has a value for it
+    ("test_auroc", "this project: test AUROC", "C0"),
+    ("knn_test_auroc", "teacher alone: kNN on its features", "0.55"),
+    ("published", None, "C1"),  # label given by the caller: which paper
+)
+
+
+def axis_floor(values) -> float:
+    """Lowest y of the bar chart: at least 10 points below the lowest bar (so it is a bar, not a sliver), on a
+    multiple of 10, never above 40 (so the 50% chance line has room), never below 0."""
+    return float(max(0, min(40, 10 * math.floor(min(values) / 10) - 10)))
+
+
+def class_label(row: dict, width: int = 16) -> str:
+    """'3 cat'; a long class name goes on up to three lines, and only beyond that is it cut (with '...')."""
+    lines = textwrap.wrap(f"{row['class']} {row['name']}".strip(), width, break_on_hyphens=True,
+                          max_lines=3, placeholder="...")
+    return "\n".join(lines)
+
+
+def table_png(path, rows: list[dict], title: str, published_label: str = "published"):
+    """Grouped bars per class, and the mean (row class 'mean') set apart at the right.
+
+    rows: dicts with 'class', 'name', 'test_auroc' (%), 'std' (% or None: std over seeds, drawn as an error bar),
+    'published' (% or None) and 'knn_test_auroc' (%, None or missing: the teacher-alone kNN baseline). A series
+    with no value in any row is left out; a missing value inside a drawn series is marked 'n/a' (never a 0 bar).
+    title names what was compared (backbone, teacher, data); published_label names the paper the published
+    numbers come from. The figure has a fixed size for 1 to about 20 classes.
+    """
+    if not rows:
+        raise ValueError("table_png needs at least one row")
+    plt = pyplot()
+    groups = [r for r in rows if r["class"] != "mean"] + [r for r in rows if r["class"] == "mean"]
+    series = [(key, label or published_label, colour) for key, label, colour in SERIES
+              if any(r.get(key) is not None for r in groups)]
+    has_mean = groups[-1]["class"] == "mean"
+    x = np.arange(len(groups), dtype=float)
+    if has_mean:
+        x[-1] += 0.5  # half a group of room before the mean
+    width = 0.8 / len(series)
+    values = [r[key] for r in groups for key, _, _ in series if r.get(key) is not None]
+    values += [r["test_auroc"] - (r.get("std") or 0) for r in groups]
+    floor = axis_floor(values)
     fig, ax = plt.subplots(figsize=FIGSIZE["table"], layout="constrained")
-    ours = [r["test_auroc"] for r in classes]
-    errs = [r["std"] or 0 for r in classes]
-    ax.bar(x - 0.2, ours, 0.4, yerr=errs, label="this run (test AUROC)")
-    if any(r["published"] is not None for r in classes):
-        ax.bar(x + 0.2, [r["published"] or 0 for r in classes], 0.4, label=label)
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set(ylabel="AUROC (%)", ylim=(min(50, *ours) - 1, 100), title="one-class CIFAR-10, per class")
-    ax.legend(loc="lower right")
+    handles = []
+    for j, (key, label, colour) in enumerate(series):
+        at = x + (j - (len(series) - 1) / 2) * width
+        have = [i for i, r in enumerate(groups) if r.get(key) is not None]
+        heights = np.array([groups[i][key] for i in have], dtype=float)
+        # bars start at the axis floor: a bar's visible length is its value above the floor
+        handles.append(ax.bar(at[have], heights - floor, width, bottom=floor, color=colour, label=label))
+        for i in sorted(set(range(len(groups))) - set(have)):
+            ax.text(at[i], floor + 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
+        if key != "test_auroc":
+            continue
+        stds = np.array([groups[i].get("std") for i in have], dtype=float)  # None -> nan: no error bar there
+        if not np.isnan(stds).all():
+            spread = ~np.isnan(stds)
+            handles.append(ax.errorbar(at[have][spread], heights[spread], yerr=stds[spread], fmt="none",
+                                       ecolor="black", capsize=2, lw=1, label="± std over seeds"))
+        stds = np.nan_to_num(stds)
+        for a, h, e in zip(at[have], heights, stds):  # the measured numbers, above the bar and its error bar
+            ax.text(a, h + e + 0.8, f"{h:.1f}", rotation=90, ha="center", va="bottom", fontsize=7)
+    handles.append(ax.axhline(50, color="crimson", ls="--", lw=1, label="chance (50%)"))
+    if has_mean:
+        ax.axvline(x[-1] - 0.75, color="0.6", lw=0.8)
+    many = len(groups) > 8
+    ax.set_xticks(x, [class_label(r) if r["class"] != "mean" else "mean" for r in groups],
+                  rotation=40 if many else 0, ha="right" if many else "center", rotation_mode="anchor",
+                  fontsize=8 if len(groups) > 12 else 9)
+    pad = 0.6 + max(0, 6 - len(groups)) / 2  # few classes: narrower bars, centred, not stretched over the width
+    ax.set_xlim(x[0] - pad, x[-1] + pad)
+    ax.set_ylim(floor, 108)  # room above 100 for the numbers on the bars
+    ax.set_yticks(np.arange(floor, 100.1, 10))
+    ax.set_ylabel("test AUROC (%)")
+    fig.suptitle(wrap(title, FIGSIZE["table"][0]))
+    # below the axes: a legend there covers no bar
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3), fontsize=9, frameon=False)
     save(fig, path)

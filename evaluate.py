@@ -180,10 +180,13 @@ def comparable(cfg: dict) -> tuple:
             tuple(s.get("teacher_std") or ()))
 
 
-def describe_group(cfg: dict) -> str:
+def describe_group(cfg: dict, short=False) -> str:
+    """The group's title: backbone, teacher and data (short, for the chart), then the recipe."""
     s, t = cfg["settings"], cfg["teacher"]
     data = "CIFAR-10 (torchvision)" if not s["data_dir"] else Path(s["data_dir"]).name
     teacher = t.get("short_name") or Path(t["name"]).name
+    if short:
+        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {s['epochs']} epochs"
     return (f"{s['backbone']}, teacher {teacher}, data {data}, {s['epochs']} epochs, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px"
             + (f", limit {s['limit']}" if s["limit"] else "") + (", selected by val AUROC" if
@@ -251,7 +254,8 @@ def tables(paths) -> list[dict]:
         rows, label = group_rows(runs)
         title = describe_group(runs[0][0])
         published = f"\n\npublished: {label}" if label else ""
-        out.append({"title": title, "rows": rows, "published_label": label,
+        out.append({"title": title, "chart_title": describe_group(runs[0][0], short=True), "rows": rows,
+                    "published_label": label,
                     "markdown": f"### {title}\n\n{markdown(rows)}{published}"})
     return out
 
@@ -283,7 +287,7 @@ def write_table(paths, out_prefix=None) -> str:
     for k, g in enumerate(groups, start=1):
         png = out.with_suffix(".png") if len(groups) == 1 else out.with_name(f"{out.name}-{k}.png")
         try:
-            table_png(png, g["rows"], g["published_label"] or "published")
+            table_png(png, g["rows"], g["chart_title"], f"published: {g['published_label'] or 'none'}")
             written.append(png)
         except PlotError as e:
             print(f"note: no bar chart ({e})")

@@ -11,7 +11,8 @@ one warm-up step; "train" covers everything a training step does, data preparati
 
     python bench.py                                  # both backbones, GPU if there is one
     python bench.py --device cpu --steps 3 --batch-size 16
-    python bench.py --full-class --data-dir ../shared/data/cifar10-jpeg    # wall time of one whole class per recipe
+    python bench.py --full-class --data-dir path/to/cifar10-jpeg          # wall time of one whole class per recipe
+    python bench.py --table                                              # projected time of the ten-class table
 """
 import os
 import platform
@@ -28,9 +29,6 @@ from cli import OneLineParser, autocast, pick_device, pick_precision
 from train import RECIPES, feature_cache, train_step
 from vgg import VGG
 from vit import ViT, ViTConfig, set_fused_attn
-
-CIFAR_JPEG = Path(__file__).resolve().parent.parent / "shared" / "data" / "cifar10-jpeg"
-
 
 ## --------------------------------------------------------------------------------------------------------
 ## Measuring.
@@ -133,10 +131,10 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
 
 
 def bench_images(n: int, data_dir) -> torch.Tensor:
-    """n real CIFAR-10 images (uint8, 32 px) when the JPEG folder is at hand, else random ones."""
-    folder = Path(data_dir) if data_dir else CIFAR_JPEG
-    if folder.is_dir():
-        source = open_source(folder, image_size=224)
+    """n images (uint8, 32 px): the first training images of --data-dir, else random ones (the speed of the
+    networks and the preprocessing does not depend on what the pixels show)."""
+    if data_dir:
+        source = open_source(data_dir, image_size=224)
         images, _ = source.images("train", torch.arange(n).numpy())
         return images
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -145,9 +143,7 @@ def bench_images(n: int, data_dir) -> torch.Tensor:
 def step_table(args, device):
     n = args.batch_size * (args.steps + 1)
     images = bench_images(n, args.data_dir).to(device)
-    cpu = platform.processor() or platform.machine()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"device: {device} ({where}); torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
           f"{args.steps} timed steps after 1 warm-up; plain path: {args.workers} DataLoader workers"
           + ("; fast path compiled" if args.compile else ""))
     print("\n| backbone | measure | fast | plain | fast / plain |\n|---|---|---|---|---|")
@@ -189,8 +185,50 @@ def full_class(args, device):
         print(f"| {backbone} ({r['epochs']} epochs, batch {r['batch_size']}) | {s:.0f} | {10 * s / 60:.1f} |")
 
 
+## --------------------------------------------------------------------------------------------------------
+## The whole ten-class table, projected from measured speeds (issue: "the ten-class table in minutes").
+
+CIFAR10_SPLIT = {"train": 4500, "val": 5000, "test": 10000}  # one class: 90% of its 5,000; 10% of all 50,000; all
+
+
+def table_projection(args, device):
+    """Project the wall time of the full ten-class table per recipe from the fast path's measured speeds:
+    one class = epochs x 4,500 training images at the measured training speed, + the teacher-feature cache (VGG)
+    and the kNN bank (ViT: one teacher pass), + scoring 5,000 validation and 10,000 test images, + one
+    validation-loss pass over the 500 normal validation images per epoch. N processes (torchrun, one device
+    each) take ceil(10 / N) classes each."""
+    n = args.batch_size * (args.steps + 1)
+    images = bench_images(n, args.data_dir).to(device)
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}; "
+          f"{args.image_size} px; {args.steps} timed steps after 1 warm-up (fast path)")
+    rows = {backbone: bench_path(backbone, True, images, device, args) for backbone in args.backbones}
+    header = " | ".join(f"{p} process{'es' if p > 1 else ''}" for p in args.processes)
+    print(f"\n| recipe | train img/s | score img/s | one class, min | ten classes: {header} |")
+    print("|---|---|---|---|" + "---|" * len(args.processes))
+    for backbone, row in rows.items():
+        recipe, split = RECIPES[backbone], CIFAR10_SPLIT
+        seconds = (recipe["epochs"] * split["train"] / row["train"]
+                   + (split["val"] + split["test"] + recipe["epochs"] * split["val"] / 10) / row["score"])
+        if "cache_s" in row:  # built once per class
+            seconds += row["cache_s"] / n * split["train"]
+        else:                 # the kNN bank: one teacher pass, at about the scoring speed
+            seconds += split["train"] / row["score"]
+        tens = " | ".join(f"{-(-10 // p) * seconds / 60:.0f} min" for p in args.processes)
+        print(f"| {backbone} ({recipe['epochs']} epochs, batch {recipe['batch_size']}) | {row['train']:.1f} | "
+              f"{row['score']:.1f} | {seconds / 60:.1f} | {tens} |")
+    if device.type == "cpu":
+        print("\nOn the CPU the processes would share these cores: the N-process columns assume one device each.")
+
+
+def describe_device(device) -> str:
+    cpu = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({cpu}, {torch.get_num_threads()} threads)"
+
+
 def main(argv=None):
-    p = OneLineParser(description="Fast path vs plain path, side by side.")
+    p = OneLineParser(description="Fast path vs plain path, side by side; or the projected time of the whole table.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on the CPU")
     p.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 3 on the CPU)")
@@ -198,16 +236,25 @@ def main(argv=None):
     p.add_argument("--backbones", nargs="+", default=["vit", "vgg"], choices=["vit", "vgg"])
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers of the plain path (default: min(4, CPUs))")
-    p.add_argument("--data-dir", help="image folder for the images (default: ../shared/data/cifar10-jpeg if present)")
+    p.add_argument("--data-dir", help="image folder to take the images from (default: random images)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     p.add_argument("--full-class", action="store_true",
                    help="instead: train one whole class per recipe with train.py and report the wall time")
+    p.add_argument("--table", action="store_true",
+                   help="instead: project the wall time of the full ten-class table per recipe from measured speeds")
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="process counts for --table's projection (default: 1 2 4 8)")
     args = p.parse_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (128 if gpu else 16)
     args.steps = args.steps or (20 if gpu else 3)
-    full_class(args, device) if args.full_class else step_table(args, device)
+    if args.table:
+        table_projection(args, device)
+    elif args.full_class:
+        full_class(args, device)
+    else:
+        step_table(args, device)
 
 
 if __name__ == "__main__":

@@ -308,7 +308,8 @@ LAYOUTS = {
                           "bicubic-align-corners", ("heads.",)),
 }
 HF_MARKER = "embeddings.patch_embeddings.projection.weight"
-HF_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.")  # head models (ForImageClassification) nest the backbone
+# head models (ForImageClassification ...) nest the backbone under its name; "deit." files are refused by name below
+HF_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.", "deit.")
 
 
 def _strip_hf_prefix(sd: dict) -> dict:
@@ -334,17 +335,24 @@ def detect_layout(path, sd: dict) -> str:
                           f"torchvision ViT); first keys: {', '.join(sorted(sd)[:3])}")
 
 
-def refuse_gated_mlp(path, sd: dict):
-    """DINOv2 ViT-g/14 has a SwiGLU MLP (a gate beside fc1); the ViT here has the plain GELU MLP of ViT-S/B/L.
-    Looks at a file's own names: the original / timm w12, transformers 4 weights_in, transformers 5 gate_proj, and
-    timm's packed SwiGLU, whose fc1 gives twice the features fc2 takes."""
-    gated = [k for k in sd if any(s in k for s in (".mlp.w12.", ".mlp.weights_in.", ".mlp.gate_proj."))]
+# ViT variants whose extra parts this ViT does not have: (what gives them away in a file's own names, what the
+# file is, what to do). SwiGLU: the original / timm w12, transformers 4 weights_in, transformers 5 gate_proj.
+VARIANTS = [((".mlp.w12.", ".mlp.weights_in.", ".mlp.gate_proj."),
+             "a ViT with a gated (SwiGLU) MLP, like DINOv2 ViT-g/14", "the GELU MLP of ViT-S/B/L; use one of those"),
+            (("dist_token", "embeddings.distillation_token"), "a distilled DeiT (a distillation token beside CLS)",
+             "one CLS token and no distillation token; use a ViT without one")]
+
+
+def refuse_variants(path, sd: dict):
+    """One line naming what a file is when it is a ViT variant this project cannot run exactly."""
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
-    if not gated and fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:  # timm packs w1, w2
-        gated = [f"blocks.0.mlp.fc1 gives {fc1.shape[0]} features, fc2 takes {fc2.shape[1]}"]
-    if gated:
-        raise CheckpointError(f"{path} is a ViT with a gated (SwiGLU) MLP, like DINOv2 ViT-g/14 ({gated[0]}): this "
-                              f"project's ViT has the GELU MLP of ViT-S/B/L; use one of those")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] != fc2.shape[1]:  # timm's packed SwiGLU: w1, w2 in fc1
+        found = [(f"blocks.0.mlp.fc1 gives {fc1.shape[0]} features, fc2 takes {fc2.shape[1]}", *VARIANTS[0][1:])]
+    else:
+        found = [(k, what, advice) for marks, what, advice in VARIANTS for k in sd if any(m in k for m in marks)]
+    if found:
+        key, what, advice = found[0]
+        raise CheckpointError(f"{path} is {what} ({key}): this project's ViT has {advice}")
 
 
 # Heads are not in any tensor's shape. Published ViTs use 64 dims per head (Ti 192/3, S 384/6, B 768/12,
@@ -375,8 +383,9 @@ def _config_from_tensors(sd: dict, layout: Layout) -> ViTConfig:
 ## - antialias=True switches PyTorch to PIL's bicubic (a = -0.5, widened when shrinking): timm's
 ##   `resample_abs_pos_embed` and Hugging Face Dinov2WithRegisters;
 ## - align_corners=True maps the corner patches onto each other: torchvision's `interpolate_embeddings`.
-## The same weights run at 224 px instead of 518 px differ by up to 24% per hidden state between these choices, so
-## each file is resized the way the library it came from would resize it.
+## On trained weights the choice matters: a DINOv2 ViT-S/14 (518 px file) run at 224 px differs from itself by 9%
+## per hidden state between plain and antialiased bicubic (tests/test_onnx.py), so each file is resized the way the
+## library it came from would resize it.
 POS_RESIZE = {"bicubic": {}, "bicubic-antialias": {"antialias": True}, "bicubic-align-corners": {"align_corners": True}}
 
 
@@ -402,7 +411,7 @@ def load_vit(path, image_size: int | None = None, heads: int | None = None) -> V
     layout = LAYOUTS[name]
     what = layout.what + (" (transformers 5 names)" if name.startswith("huggingface") and _is_v5(sd) else "")
     check_finite(path, {k: v for k, v in sd.items() if not k.startswith(layout.ignore)})
-    refuse_gated_mlp(path, sd)
+    refuse_variants(path, sd)
     try:
         sd = layout.rename(dict(sd))
         cfg = _config_from_tensors(sd, layout)

@@ -203,3 +203,19 @@ def test_convert_onnx_refusals(tmp_path, capsys):
     onnx.save(h.make_model(graph), str(tmp_path / "relu.onnx"))
     assert convert(tmp_path / "relu.onnx", tmp_path / "r.safetensors") == 2
     assert "no Hugging Face ViT / DINOv2 backbone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers", "transformers-head"])
+def test_distilled_deit_is_refused_naming_what_it_is(tmp_path, library):
+    if library == "timm":
+        timm_vit = pytest.importorskip("timm.models.deit")
+        sd = timm_vit.VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=1,
+                                                 num_classes=0).state_dict()
+    else:
+        transformers = pytest.importorskip("transformers")
+        config = transformers.DeiTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                                         intermediate_size=128, image_size=32, patch_size=8)
+        head = library.endswith("head")  # "deit." + cls_classifier / distillation_classifier
+        sd = (transformers.DeiTForImageClassificationWithTeacher if head else transformers.DeiTModel)(config)
+        sd = sd.state_dict()
+    refused(load_vit, save(sd, tmp_path / "deit.safetensors"), "distilled DeiT", "distillation token")

@@ -1,10 +1,13 @@
 """Reference models with random weights, written to .safetensors in each library's key layout.
 
 Nothing can be downloaded where the tests run, so every checkpoint layout of shared/docs/checkpoints.md is
-built here from the reference library's own module (torchvision, timm) and renamed by the key tables there.
+built here from the reference library's own module (torchvision, timm, transformers) and renamed by the key tables
+there.
 """
+import re
 from functools import partial
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -87,6 +90,65 @@ def tv_to_hf(sd: dict, head_model: bool) -> dict:
     else:
         out |= {"pooler.dense.weight": torch.randn(D, D), "pooler.dense.bias": torch.randn(D)}
     return out
+
+
+## Hugging Face transformers models. transformers 5 names its modules q_proj / o_proj / mlp.fc1 (and ViT's blocks
+## `layers.N`); the files on the hub carry the transformers 4 names, which transformers 5 renames when it loads them.
+HF_TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+HF_TO_4 = [(r"\.attention\.q_proj\.", ".attention.attention.query."),
+           (r"\.attention\.k_proj\.", ".attention.attention.key."),
+           (r"\.attention\.v_proj\.", ".attention.attention.value."),
+           (r"\.attention\.o_proj\.", ".attention.output.dense.")]
+HF_VIT_TO_4 = [(r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"\.mlp\.fc1\.", ".intermediate.dense."),
+               (r"\.mlp\.fc2\.", ".output.dense.")]
+
+
+def hf_model(arch: str, seed=0, **kw):
+    """A small random transformers model, e.g. "ViTModel", "Dinov2ForImageClassification",
+    "Dinov2WithRegistersModel" (4 registers), 32 px, patch 8, width 128, 2 blocks of 2 heads. Needs transformers 5
+    (the test skips without it): its state_dict() has the new names, hf_names_4 makes the old ones."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"transformers {transformers.__version__}: these tests need 5 or later (the module names changed)")
+    family = re.match(r"(ViT|Dinov2WithRegisters|Dinov2)", arch).group(1)
+    extra = {"ViT": dict(intermediate_size=256), "Dinov2": dict(mlp_ratio=2),
+             "Dinov2WithRegisters": dict(mlp_ratio=2, num_register_tokens=4)}[family]
+    config = getattr(transformers, family + "Config")(**(HF_TINY | extra | kw))
+    return randomize(getattr(transformers, arch)(config), seed)
+
+
+def hf_names_4(sd: dict) -> dict:
+    """A transformers 5 state_dict in the transformers 4 names of the files on the hub (the inverse of
+    transformers' conversion_mapping.py for ViT, Dinov2 and Dinov2WithRegisters)."""
+    vit = any(re.search(r"(^|\.)layers\.\d+\.", k) for k in sd)
+    out = {}
+    for k, v in sd.items():
+        for pattern, repl in HF_TO_4 + (HF_VIT_TO_4 if vit else []):
+            k = re.sub(pattern, repl, k)
+        out[k] = v
+    return out
+
+
+def hf_from_files(model, sd: dict, folder):
+    """transformers' own reading of a state dict saved beside the model's config.json (from_pretrained), which
+    must take every tensor: the reference for files with transformers 4 names."""
+    folder.mkdir(exist_ok=True)
+    save(sd, folder / "model.safetensors")
+    model.config.save_pretrained(folder)
+    loaded, info = type(model).from_pretrained(folder, output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    return loaded.eval()
+
+
+def hf_hidden_states(model, x) -> list[torch.Tensor]:
+    """transformers' hidden_states (ViT told to interpolate its position table, as Dinov2 always does), checked
+    to be all before the final LayerNorm (the project's convention; some versions tied the last one to it)."""
+    base = model.base_model  # the backbone of a head model (model.vit, model.dinov2 ...)
+    kw = {"interpolate_pos_encoding": True} if type(base).__name__ == "ViTModel" else {}
+    with torch.no_grad():
+        out = base(pixel_values=x, output_hidden_states=True, **kw)
+        assert torch.allclose(base.layernorm(out.hidden_states[-1]), out.last_hidden_state, atol=1e-5)
+    return list(out.hidden_states)
 
 
 def save(tensors: dict, path) -> str:

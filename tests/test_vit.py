@@ -1,10 +1,13 @@
 """The hand-written ViT reproduces the reference libraries on the same weights, in every checkpoint layout."""
+from dataclasses import asdict
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vit
-from helpers import (relative_diff, save, torchvision_hidden_states, torchvision_vit, tv_to_hf, tv_to_timm,
-                     randomize)
+from helpers import (TINY_VIT, hf_from_files, hf_hidden_states, hf_model, hf_names_4, randomize, relative_diff, save,
+                     torchvision_hidden_states, torchvision_vit, tv_to_hf, tv_to_timm)
 
 TOL = 1e-5
 
@@ -87,9 +90,115 @@ def test_pos_embed_resampling(tmp_path):
     assert bigger.pos_embed.shape == (1, 1 + 36, 128) and bigger.cfg.image_size == 48
     assert torch.equal(bigger.pos_embed[:, :1], base.pos_embed[:, :1])  # the CLS slot is kept as it is
     assert [h.shape for h in bigger(torch.randn(1, 3, 48, 48))] == [(1, 37, 128)] * 4
-    timm_pe = pytest.importorskip("timm.layers.pos_embed")
-    expected = timm_pe.resample_abs_pos_embed(base.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
-    assert relative_diff(bigger.pos_embed.detach(), expected) < TOL
+    tv_vit = pytest.importorskip("torchvision.models.vision_transformer")  # a torchvision file: torchvision's resize
+    expected = tv_vit.interpolate_embeddings(48, 8, {"encoder.pos_embedding": base.pos_embed.detach()})
+    assert relative_diff(bigger.pos_embed.detach(), expected["encoder.pos_embedding"]) < TOL
+
+
+## Each family at a larger and a smaller size than its file's, against its own library's forward: transformers'
+## interpolate_pos_encoding, torchvision's interpolate_embeddings, timm's checkpoint_filter_fn.
+SIZES = (32, 48, 24)  # the files are 32 px with 8 px patches: grid 4, 6 and 3
+HF_ARCHS = ["ViTModel", "ViTForImageClassification", "Dinov2Model", "Dinov2ForImageClassification",
+            "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"]
+
+
+@pytest.mark.parametrize("names", ["transformers4", "transformers5"])
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_huggingface_models_match_transformers(tmp_path, arch, names):
+    """Hub files (transformers 4 names) and transformers 5 state_dicts, read as transformers reads them."""
+    ref = hf_model(arch)
+    sd = ref.state_dict()
+    if names == "transformers4":
+        sd = hf_names_4(sd)
+        assert not any("q_proj" in k or k.startswith(("layers.", "vit.layers.")) for k in sd)
+        ref = hf_from_files(ref, sd, tmp_path / "hf")
+    path = save(sd, tmp_path / "model.safetensors")
+    dinov2, registers = arch.startswith("Dinov2"), "WithRegisters" in arch
+    for size in SIZES:
+        model = vit.load_vit(path, image_size=size)
+        cfg = model.cfg
+        assert model.layout == "huggingface" + ("-dinov2" if dinov2 else "") + ("-registers" if registers else "")
+        assert (cfg.registers, cfg.layer_scale, cfg.eps) == ((4 if registers else 0), dinov2, 1e-6 if dinov2 else 1e-12)
+        assert cfg.pos_resize == ("bicubic-antialias" if registers else "bicubic")
+        assert cfg.mean == (vit.IMAGENET_MEAN if dinov2 else (0.5,) * 3)
+        x = torch.randn(2, 3, size, size)
+        check_hidden(model, hf_hidden_states(ref, x), x, f"{arch} ({names}) at {size} px")
+
+
+@pytest.mark.parametrize("size", SIZES[1:])
+def test_torchvision_resize_matches_torchvision(tmp_path, size):
+    tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
+    ref = torchvision_vit()
+    path = save(ref.state_dict(), tmp_path / "tv.safetensors")
+    resized = torchvision_vit(image_size=size)  # torchvision's own way to the new size
+    resized.load_state_dict(tv_vit.interpolate_embeddings(size, 8, ref.state_dict()))
+    x = torch.randn(2, 3, size, size)
+    check_hidden(vit.load_vit(path, image_size=size), torchvision_hidden_states(resized, x), x,
+                 f"torchvision at {size} px")
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("size", SIZES[1:])
+def test_timm_resize_matches_timm(tmp_path, size, registers):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    kw = dict(patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_ratio=2, num_classes=0)
+    if registers:  # DINOv2 reg4: LayerScale, registers, position table over the patches only
+        kw |= dict(init_values=1e-5, reg_tokens=registers, no_embed_class=True)
+    ref = randomize(timm_vit.VisionTransformer(img_size=32, **kw))
+    path = save(ref.state_dict(), tmp_path / "timm.safetensors")
+    resized = timm_vit.VisionTransformer(img_size=size, **kw).eval()  # what timm.create_model(img_size=size) loads
+    resized.load_state_dict(timm_vit.checkpoint_filter_fn(ref.state_dict(), resized))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        hidden = [resized.norm_pre(resized._pos_embed(resized.patch_embed(x)))]
+        for block in resized.blocks:
+            hidden.append(block(hidden[-1]))
+    check_hidden(vit.load_vit(path, image_size=size), hidden, x, f"timm ({registers} registers) at {size} px")
+
+
+def gap(model, reference_hidden, x) -> tuple[float, float]:
+    """(worst relative difference over the hidden states, cosine of the last ones, per image, averaged)."""
+    with torch.no_grad():
+        ours = model(x)
+    worst = max(relative_diff(a, b) for a, b in zip(ours, reference_hidden, strict=True))
+    cos = F.cosine_similarity(ours[-1].flatten(1), reference_hidden[-1].flatten(1)).mean().item()
+    return worst, cos
+
+
+def test_each_family_resized_its_own_way_before_and_after(tmp_path):
+    """The figures of issue 10 item 2: timm's resize used for every family (before) against each library's own
+    (after), on the tiny 32 px ViT (8 px patches, width 128, 3 blocks) in Hugging Face and torchvision layout."""
+    tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
+    transformers = pytest.importorskip("transformers")
+    tv = torchvision_vit(eps=1e-12)
+    hf_path = save(tv_to_hf(tv.state_dict(), head_model=False), tmp_path / "hf.safetensors")
+    hf_ref = hf_from_files(transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256, image_size=32,
+        patch_size=8, layer_norm_eps=1e-12)), tv_to_hf(tv.state_dict(), head_model=False), tmp_path / "hf")
+    tv = torchvision_vit()
+    tv_path = save(tv.state_dict(), tmp_path / "tv.safetensors")
+    cases = []
+    for size in (64, 24):
+        x = torch.randn(4, 3, size, size)
+        cases.append((f"HF ViT 32 -> {size} px", hf_path, size, x, hf_hidden_states(hf_ref, x)))
+    resized = torchvision_vit(image_size=64)
+    resized.load_state_dict(tv_vit.interpolate_embeddings(64, TINY_VIT["patch_size"], tv.state_dict()))
+    x = torch.randn(4, 3, 64, 64)
+    cases.append(("torchvision 32 -> 64 px", tv_path, 64, x, torchvision_hidden_states(resized, x)))
+    for label, path, size, x, reference in cases:
+        before = gap(vit.with_image_size(vit.load_vit(path), size, "bicubic-antialias"), reference, x)
+        after = gap(vit.load_vit(path, image_size=size), reference, x)
+        print(f"{label}: timm's resize {before[0]:.1%} relative (last-layer cosine {before[1]:.4f}); "
+              f"the library's own {after[0]:.1e} (cosine {after[1]:.6f})")
+        assert after[0] < TOL and before[0] > 100 * TOL, label
+
+
+def test_resize_method_survives_the_run_config(tmp_path):
+    """train.py writes asdict(teacher.cfg) and asdict(student_config(...)) into config.json."""
+    model = vit.load_vit(save(torchvision_vit().state_dict(), tmp_path / "tv.safetensors"), image_size=48)
+    assert asdict(model.cfg)["pos_resize"] == "bicubic-align-corners"
+    assert asdict(vit.student_config(model.cfg))["pos_resize"] == "bicubic-align-corners"
+    assert vit.ViTConfig(**asdict(model.cfg)) == model.cfg
 
 
 def test_image_size_must_fit_patches(tmp_path):

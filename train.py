@@ -348,7 +348,8 @@ def prepare_teacher(args, device):
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
             "label_leak": preset == "vit-b16-cifar10"}
     print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
-    if not preset and args.teacher_mean is None and getattr(teacher, "layout", None) in ("timm", "huggingface"):
+    if not preset and args.teacher_mean is None and str(getattr(teacher, "layout", "")).startswith(("timm",
+                                                                                                      "huggingface")):
         print(f"  note: normalising with the {teacher.layout} default mean/std; if this checkpoint was trained with "
               f"others (e.g. timm's ImageNet-21k ViTs use 0.5), pass --teacher-mean/--teacher-std")
     if info["label_leak"]:

@@ -513,8 +513,8 @@ def open_source(data_dir=None, data_root="./data", image_size=224):
 
 CLS_HELP = ("normal class: a class folder's name (e.g. cat), an index (0-9 on CIFAR-10 in torchvision order, 3 = "
             "cat; otherwise the natural order of train/'s class folders; where the folders are named by numbers, a "
-            "number is a name), name:X or index:N where a number could mean either, or all (every class with "
-            "train and test images)")
+            "number is a name), name:X or index:N where a number could mean two classes (refused until then), or "
+            "all (every class with train and test images)")
 DIGITS = re.compile(r"[0-9]+")
 
 
@@ -523,8 +523,8 @@ def class_index(source, cls) -> int:
     cls: an int is an index (as config.json stores it). A string is an exact class folder name, 'name:X',
     'index:N', or a bare number, which is an index unless the class folders are named by numbers (0..11): there it
     is a folder's name. Refused as ambiguous, with how to say which: a number naming one folder and indexing
-    another while the other folders have word names, and a number naming no folder where they are numbers.
-    Raises DataError with the choices."""
+    another while the other folders have word names, a number naming no folder where they are numbers, and a
+    number whose CIFAR-10 class is another than its folder here (see cifar_meaning). Raises DataError."""
     label = resolve_class(source, cls)
     name = source.classes[label]
     if not source.class_has_images("test", label):
@@ -556,8 +556,27 @@ def resolve_class(source, cls) -> int:
         raise DataError(f"--cls {cls} is ambiguous: the class folders are named by numbers and none is '{cls}': "
                         f"write --cls index:{cls} for class {cls} (folder '{names[int(cls)]}'), or a folder's name")
     if DIGITS.fullmatch(cls):
+        cifar_meaning(source, int(cls))
         return checked_index(source, int(cls), cls)
     raise no_class(source, cls)
+
+
+def cifar_meaning(source, i: int):
+    """method.md and the README number CIFAR-10's classes 0-9 (3 = cat). Where the class folders carry CIFAR-10
+    names but not all ten (all ten keep those indices, see class_order), a number meaning another class here than
+    in CIFAR-10 is refused rather than read one way."""
+    names = source.classes
+    if i >= 10 or not set(names) & set(CIFAR10_CLASSES):
+        return
+    cifar, here = CIFAR10_CLASSES[i], (names[i] if i < len(names) else None)
+    if here == cifar or (here is None and cifar not in names):
+        return
+    where = f"class {names.index(cifar)} here" if cifar in names else "not among these folders"
+    if here is None:
+        raise DataError(f"--cls {i}: on CIFAR-10, {i} is {cifar} ({where}), and there is no class {i} here: "
+                        f"write --cls {cifar}")
+    raise DataError(f"--cls {i} is ambiguous: on CIFAR-10, {i} is {cifar} ({where}), and here class {i} is folder "
+                    f"'{here}': write --cls {here if cifar not in names else cifar} or --cls index:{i}")
 
 
 def checked_index(source, i: int, cls: str) -> int:

@@ -171,6 +171,30 @@ def test_cifar10_names_keep_their_indices_whatever_else_is_there(tmp_path, capsy
     assert source.normal_classes == list(range(12))
 
 
+def test_numbers_keep_their_cifar10_meaning_or_are_refused(tmp_path):
+    """Folders with some of CIFAR-10's names: a number that means another class there than here is refused."""
+    no_airplane, no_truck = list(data.CIFAR10_CLASSES[1:]), list(data.CIFAR10_CLASSES[:9])
+    for name, classes in (("no_airplane", no_airplane), ("no_truck", no_truck), ("two", ["cat", "dog"])):
+        make_folder(tmp_path / name, {"train": {n: 10 for n in classes}, "test": {n: 1 for n in classes}})
+    source = source_of(tmp_path / "no_truck")
+    assert data.class_index(source, "3") == 3 and source.classes[3] == "cat"  # the same class either way
+    source = source_of(tmp_path / "no_airplane")
+    with pytest.raises(DataError, match=r"--cls 3 is ambiguous: on CIFAR-10, 3 is cat \(class 2 here\), and here "
+                                        r"class 3 is folder 'deer': write --cls cat or --cls index:3"):
+        data.class_index(source, "3")
+    assert data.class_index(source, "cat") == 2 and data.class_index(source, "index:3") == 3
+    source = source_of(tmp_path / "two")
+    with pytest.raises(DataError, match=r"--cls 0 is ambiguous: on CIFAR-10, 0 is airplane \(not among these "
+                                        r"folders\), and here class 0 is folder 'cat': write --cls cat or --cls "
+                                        r"index:0"):
+        data.class_index(source, "0")
+    with pytest.raises(DataError, match=r"--cls 3: on CIFAR-10, 3 is cat \(class 0 here\), and there is no class 3 "
+                                        r"here: write --cls cat"):
+        data.class_index(source, "3")
+    with pytest.raises(DataError, match="no class '8'"):
+        data.class_index(source, "8")  # ship: in neither
+
+
 def test_entries_that_are_not_classes_are_named_once_and_shift_nothing(tmp_path, capsys):
     layout = {"train": {"ant": 10, "bee": 10, "cow": 10}, "test": {"ant": 2, "bee": 2, "cow": 2}}
     make_folder(tmp_path / "clean", layout)

@@ -1,36 +1,55 @@
-"""One-class CIFAR-10 (or any image folder) for KDAD: the honest split, and preprocessing done per batch.
+"""One-class CIFAR-10 (or any image folder) for KDAD: folders read as a person sees them, the honest split, and
+preprocessing done per batch.
 
-The protocol (shared/docs/method.md, "One-class CIFAR-10"):
+The protocol (method.md, "One-class CIFAR-10"):
 - a seeded, stratified 10% of the *training* split is held out as validation (all classes, labelled);
 - the training set is the normal-class images of the remaining 90%;
 - the test set is the whole test split, labelled normal (0) / anomalous (1), and is only scored once, at the end.
+
+Image folders (`ImageFolder`) are read the way a person looking at them sees them:
+- root/train/<class>/ and root/test/<class>/ hold the images; files in subfolders of a class folder belong to that
+  class (as in torchvision's ImageFolder). Hidden entries, loose files and folders without images are not classes:
+  they are left out and named once.
+- The classes that can be chosen with --cls are the folders of train/ that hold images, in natural order (2 before
+  10). When all ten CIFAR-10 names are among them, 0-9 keep CIFAR-10's torchvision order (3 is cat) and the other
+  folders follow. Folders only in test/ (test/<defect> in the usual anomaly-detection layout) are anomalous only.
+- Every image is decoded to the 8-bit RGB picture an image viewer shows (`read_image`), or left out and named with
+  the reason.
 
 Images are kept as one uint8 tensor per split (CIFAR-10 is 180 MB as uint8) on the training device, and the
 recipe's preprocessing (resize 32 -> 256, crop 224, flip, normalise with the teacher's mean/std) runs on whole
 batches there (`Preprocess`). `PerImageDataset` is the plain path the reference code takes (PIL per image in
 DataLoader workers); the two compute the same images, which tests/test_data.py checks.
 
-Sources: `ImageFolder` reads root/train/<class>/* and root/test/<class>/* (e.g. ../shared/data/cifar10-jpeg);
-`TorchvisionCIFAR10` downloads CIFAR-10 into --data-root.
+Sources: `ImageFolder` reads an image folder (--data-dir); `TorchvisionCIFAR10` downloads CIFAR-10 into --data-root.
 """
+import io
+import os
+import re
 import sys
 import time
+import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 NORMAL, ANOMALOUS = 0, 1  # test labels; scores are "higher = more anomalous" (evaluate.py)
+SHOWN = 5  # at most this many names in one printed line; the full lists stay in `left_out`
 
 
 class DataError(ValueError):
     """Data that cannot be used; the message says what is wrong and what to do."""
+
+
+class UnreadableImage(Exception):
+    """One image file that cannot be shown faithfully; str(e) is the reason, in one line."""
 
 
 def resize_size(image_size: int) -> int:
@@ -38,11 +57,320 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+def note(message: str):
+    """Everything left out or changed is said once, on stderr, beside the run's own output."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def named(items, shown=SHOWN) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more': a bounded list of names for one printed line."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 ## --------------------------------------------------------------------------------------------------------
-## Sources: class names, labels of every image, and uint8 images (n, 3, H, W) on demand.
+## One image file as a viewer shows it: upright, first frame, transparency on white, 8-bit sRGB.
+
+def openable_extensions() -> frozenset:
+    """File extensions of the formats Pillow opens, from Pillow's own registry (save-only formats such as PDF
+    are not in it). MPO (multi-picture JPEG) is opened by the JPEG plugin, so it has no opener of its own."""
+    Image.init()
+    return frozenset(e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN or fmt == "MPO")
+
+
+IMAGE_EXTENSIONS = openable_extensions()
+ORIENTATION = 0x0112  # the EXIF tag: 1 = upright, 2-8 = mirrored and/or turned (what a viewer undoes)
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_image(path) -> tuple[np.ndarray, list[str]]:
+    """The picture an image viewer shows for `path`: (H, W, 3) uint8 RGB, and notes on what it took (each a short
+    phrase, e.g. 'turned upright by the EXIF orientation'). Raises UnreadableImage(reason) for a file that
+    cannot be shown faithfully. What a viewer does, step by step:
+    - the first frame of an animated or multi-page file (noted);
+    - the EXIF orientation undone (ImageOps.exif_transpose: JPEG, PNG eXIf, TIFF, WebP);
+    - 16-bit samples shown as their top 8 bits (what Pillow itself does for 48-bit RGB, and libpng's strip-16);
+      floating-point samples in 0..1 scaled to 0..255; 32-bit integers and floats outside 0..1 refused;
+    - transparency (alpha, a transparent palette entry or colour key) composited onto white, as a page shows it;
+    - an embedded ICC colour profile converted to sRGB (Pillow's ImageCms); CMYK without one by Pillow's formula;
+    - palette, 1-bit, grey, YCbCr, HSV and LAB converted to RGB.
+    Pillow's decompression-bomb limit stays: a file over it is refused, with its size and the limit."""
+    notes = []
+    with warnings.catch_warnings():  # between 1x and 2x Image.MAX_IMAGE_PIXELS Pillow only warns: it is read
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:
+                    notes.append("shown by their first frame (animated or multi-page)")
+                sixteen = ";16" in str(im.tile[0][3] if im.tile else "")  # e.g. 48-bit RGB PNG: 'RGB;16B'
+                turned = orientation(im, notes) != 1  # asked before loading: Pillow turns TIFFs as it loads
+                im.load()
+                if orientation(im, []) != 1:
+                    im = ImageOps.exif_transpose(im)
+                if turned:
+                    notes.append("turned upright by the EXIF orientation")
+                return as_rgb8(im, sixteen, notes), notes
+        except Image.DecompressionBombError:
+            raise UnreadableImage(bomb_reason(path)) from None
+        except UnreadableImage:
+            raise
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, EOFError ... on bad files
+            raise UnreadableImage(pillow_reason(e)) from None
+
+
+def pillow_reason(e: Exception) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not an image Pillow can identify (damaged, empty, or another kind of file under an image name)"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"Pillow cannot decode it: {text}"
+
+
+def bomb_reason(path) -> str:
+    """The real size against Pillow's decompression-bomb limit (read with the limit lifted: the header only)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            size = f"{im.width}x{im.height} = {im.width * im.height / 1e6:.3g} megapixels"
+    except Exception:
+        size = "its size"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return (f"{size} is over Pillow's decompression-bomb limit of {2 * limit / 1e6:.3g} megapixels "
+            f"(2 x PIL.Image.MAX_IMAGE_PIXELS): shrink the file (it is resized for the network anyway)")
+
+
+def orientation(im: Image.Image, notes: list) -> int:
+    """The EXIF orientation (2-8: mirrored and/or turned), else 1. A broken EXIF block is ignored, as viewers do."""
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+    except Exception:
+        notes.append("with an unreadable EXIF block: shown as stored")
+        return 1
+    return value if value in range(2, 9) else 1
+
+
+def as_rgb8(im: Image.Image, sixteen: bool, notes: list) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8 sRGB, or UnreadableImage. See read_image for the rules."""
+    icc = im.info.get("icc_profile")
+    if im.mode in SIXTEEN_BIT + ("I", "F"):
+        im = Image.fromarray(high_bits_to_8(im, notes))  # mode L
+    elif sixteen:
+        notes.append("with 16-bit samples: shown as their top 8 bits")
+    if has_transparency(im):
+        im = on_white(im, notes)  # L or RGB
+    if im.mode in ("1", "P", "RGBX", "YCbCr", "HSV"):  # to the grey or RGB values they stand for
+        im = im.convert("L" if im.mode == "1" else "RGB")
+    if icc and im.mode in ("L", "RGB", "CMYK"):
+        im = with_profile(im, icc, notes)
+    if im.mode == "CMYK":
+        notes.append("in CMYK without a usable colour profile: converted by Pillow's plain formula")
+    if im.mode == "LAB":
+        im = lab_to_srgb(im)
+        notes.append("in CIE L*a*b*: converted to sRGB")
+    elif im.mode in ("L", "CMYK"):
+        im = im.convert("RGB")
+    if im.mode != "RGB":
+        raise UnreadableImage(f"pixel format {im.mode!r}: no faithful way to show it as 8-bit RGB")
+    return np.asarray(im).copy()
+
+
+def high_bits_to_8(im: Image.Image, notes: list) -> np.ndarray:
+    """Grey samples of more than 8 bits -> uint8 by the range their format declares, never clipped."""
+    if "transparency" in im.info:
+        raise UnreadableImage(f"{im.mode} samples with a transparent colour key: no faithful way to show it")
+    a = np.asarray(im)
+    if im.mode in SIXTEEN_BIT or (im.mode == "I" and declares_16_bits(im) and 0 <= a.min() and a.max() <= 65535):
+        notes.append("with 16-bit samples: shown as their top 8 bits")
+        return (a.astype(np.uint32) >> 8).astype(np.uint8)
+    if im.mode == "I":
+        raise UnreadableImage("32-bit integer samples have no standard range to show: save it with 8- or 16-bit "
+                              "samples")
+    if not np.isfinite(a).all():
+        raise UnreadableImage("floating-point samples with NaN or infinity: no picture to show")
+    if a.min() < 0 or a.max() > 1:
+        raise UnreadableImage(f"floating-point samples from {a.min():g} to {a.max():g}: viewers show 0..1 as "
+                              f"black..white; save it scaled to 0..1 or with 8- or 16-bit samples")
+    notes.append("with floating-point samples in 0..1: scaled to 0..255")
+    return np.round(a * 255).astype(np.uint8)
+
+
+def declares_16_bits(im: Image.Image) -> bool:
+    """Pillow's mode I holds 16-bit PNG/PPM samples (PPM already scaled to 0..65535), or TIFF's declared bits."""
+    if im.format in ("PNG", "PPM"):
+        return True
+    tags = getattr(im, "tag_v2", {})
+    return im.format == "TIFF" and tuple(tags.get(258, ()))[:1] == (16,) and tags.get(339, 1) in (1, (1,))
+
+
+def has_transparency(im: Image.Image) -> bool:
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        return True
+    return im.mode == "P" and im.palette is not None and im.palette.mode == "RGBA"
+
+
+def on_white(im: Image.Image, notes: list) -> Image.Image:
+    """Composite onto white (out = c * a + 255 * (1 - a), rounded), as a page shows a transparent image."""
+    grey = im.mode in ("1", "L", "LA", "La")
+    a = np.asarray(im.convert("LA" if grey else "RGBA")).astype(np.uint32)  # (H, W, 2 or 4)
+    colour, alpha = a[..., :-1], a[..., -1:]
+    if (alpha < 255).any():
+        notes.append("with transparent pixels: shown on white")
+    out = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if grey else out)
+
+
+@lru_cache(maxsize=16)
+def srgb_transform(icc: bytes, mode: str):
+    """A Pillow ImageCms transform from an embedded profile to sRGB, built once per distinct profile."""
+    from PIL import ImageCms  # Pillow's littlecms binding, in every Pillow wheel
+    src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return ImageCms.buildTransform(src, ImageCms.createProfile("sRGB"), mode, "RGB",
+                                   renderingIntent=ImageCms.getDefaultIntent(src))
+
+
+def with_profile(im: Image.Image, icc: bytes, notes: list) -> Image.Image:
+    """Convert through the embedded ICC profile to sRGB; a profile that cannot be used is ignored, as a viewer
+    ignores it, and noted."""
+    try:
+        from PIL import ImageCms
+        out = ImageCms.applyTransform(im, srgb_transform(icc, im.mode))
+    except Exception as e:  # ImportError (Pillow without littlecms), a damaged or mismatched profile
+        why = " ".join(str(e).split())[:80] or type(e).__name__
+        notes.append(f"with a colour profile that cannot be used ({why}): shown without it")
+        return im
+    if np.asarray(out).tobytes() != np.asarray(im.convert("RGB")).tobytes():  # an sRGB profile changes nothing
+        notes.append("converted to sRGB by the embedded colour profile")
+    return out
+
+
+def lab_to_srgb(im: Image.Image) -> Image.Image:
+    from PIL import ImageCms
+    try:
+        return ImageCms.applyTransform(im, ImageCms.buildTransform(ImageCms.createProfile("LAB"),
+                                                                   ImageCms.createProfile("sRGB"), "LAB", "RGB"))
+    except Exception as e:
+        raise UnreadableImage(f"CIE L*a*b* pixels could not be converted to sRGB ({e})") from None
+
+
+def square(a: np.ndarray, side: int) -> tuple[np.ndarray, str | None]:
+    """The stored form of one image (H, W, 3) -> (S, S, 3): square images up to `side` stay as they are (CIFAR-10
+    stays 32 px); others get the resize the preprocessing does anyway (shorter side -> `side`, bilinear and
+    antialiased, as torchvision's Resize) and a center crop to a square. Returns the note on what was done."""
+    h, w = a.shape[:2]
+    if h == w and h <= side:
+        return a, None
+    s = side / min(h, w)
+    size = (max(side, round(w * s)), max(side, round(h * s)))  # PIL sizes are (width, height)
+    im = Image.fromarray(a).resize(size, Image.BILINEAR)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    what = (f"larger than {side}x{side}: resized to it" if h == w else
+            f"not square: resized to {side} px on the shorter side and center-cropped")
+    return np.asarray(im), what
+
+
+## --------------------------------------------------------------------------------------------------------
+## Which entries of train/ and test/ are classes: folders holding images. Everything else is named, never counted.
+
+def natural_key(name: str):
+    """Sort names as a file manager shows them: numbers as numbers (2 before 10), case ignored, then exact."""
+    parts = re.split(r"([0-9]+)", name)
+    return tuple((0, int(p), "") if p[:1].isdigit() else (1, 0, p.casefold()) for p in parts if p), name
+
+
+def is_hidden(name: str) -> bool:
+    """Dot-files and dot-folders (.DS_Store, .ipynb_checkpoints, ._name AppleDouble files) and macOS archive
+    metadata (__MACOSX): never shown by a file manager, never part of a class."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+@dataclass
+class SplitScan:
+    """What one split folder holds: class folder -> its image files, and every entry left out, with why."""
+    folders: dict = field(default_factory=dict)      # name -> list[Path] of image files (natural order)
+    not_classes: list = field(default_factory=list)  # (Path, reason): entries of train/ or test/ that are no class
+    not_images: list = field(default_factory=list)   # (Path, reason): files in class folders that are no image
+    nested: dict = field(default_factory=dict)       # name -> number of its images that lie in subfolders
+
+
+def scan_split(folder: Path) -> SplitScan:
+    scan = SplitScan()
+    for entry in listing(folder):
+        path = Path(entry.path)
+        if is_hidden(entry.name):
+            scan.not_classes.append((path, "hidden"))
+        elif entry.is_dir():
+            images, others = [], []
+            walk(path, images, others, {path.resolve()})
+            if images:
+                scan.folders[entry.name] = images
+                scan.not_images += others
+                inner = sum(f.parent != path for f in images)
+                if inner:
+                    scan.nested[entry.name] = inner
+            else:
+                scan.not_classes.append((path, f"a folder with no images ({len(others)} other entries)"
+                                         if others else "an empty folder"))
+        elif entry.is_file():
+            scan.not_classes.append((path, f"a file directly in {folder.name}/, not in a class folder"))
+        else:
+            scan.not_classes.append((path, "neither a file nor a folder (a broken link?)"))
+    return scan
+
+
+def listing(folder: Path) -> list:
+    """The entries of a folder (os.DirEntry: their kind comes with the listing), in natural order."""
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda e: natural_key(e.name))
+
+
+def walk(folder: Path, images: list, others: list, seen: set):
+    """Image files under `folder` (subfolders and links included, except a link back up) into `images`, the rest into
+    `others` with the reason, both in natural order."""
+    try:
+        entries = listing(folder)
+    except OSError as e:
+        others.append((folder, f"cannot be listed ({e.strerror or e})"))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if is_hidden(entry.name):
+            others.append((path, "hidden"))
+        elif entry.is_dir():
+            real = path.resolve()
+            if real in seen:
+                others.append((path, "a link back to a folder already read"))
+            else:
+                walk(path, images, others, seen | {real})
+        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif entry.is_file():
+            others.append((path, f"not an image: Pillow opens no {path.suffix or 'extension-less'} files"))
+        else:
+            others.append((path, "neither a file nor a folder (a broken link?)"))
+
+
+def class_order(names) -> list[str]:
+    """Natural order; when all ten CIFAR-10 names are there, they come first in torchvision's order, so that the
+    indices 0-9 keep the meaning method.md and the README give them (3 = cat) whatever else is in the folder."""
+    names = sorted(names, key=natural_key)
+    if set(CIFAR10_CLASSES) <= set(names):
+        names = list(CIFAR10_CLASSES) + [n for n in names if n not in CIFAR10_CLASSES]
+    return names
+
+
+## --------------------------------------------------------------------------------------------------------
+## Sources: class names, labels of every image, and uint8 images (n, 3, H, W) on demand. Both sources offer:
+##   classes         the classes --cls can name, in index order (train/ folders holding images)
+##   test_only       folders only in test/: anomalous only; labels index into `folders` = classes + test_only
+##   normal_classes  indices of the classes that can be normal (images in train/ and test/): what --cls all runs
+##   files, labels   per split; left_out: every (path, reason) left out so far
 
 class ImageFolder:
-    """root/{train,test}/<class>/<image>; classes are the sorted folder names under train/."""
+    """root/{train,test}/<class>/<image>, read as a person sees it (see the module docstring)."""
 
     def __init__(self, root, load_size: int):
         self.root, self.load_size = Path(root), load_size
@@ -51,62 +379,101 @@ class ImageFolder:
         for split in ("train", "test"):
             if not (self.root / split).is_dir():
                 raise DataError(f"{self.root} has no {split}/ folder: expected {self.root}/{split}/<class>/<image>")
-        self.classes = sorted(p.name for p in (self.root / "train").iterdir() if p.is_dir())
+        scans = {split: scan_split(self.root / split) for split in ("train", "test")}
+        self.classes = class_order(scans["train"].folders)
         if not self.classes:
             raise DataError(f"{self.root}/train has no class folders: expected {self.root}/train/<class>/<image>")
-        self.files, self.labels = {}, {}
-        for split in ("train", "test"):
-            files, labels, skipped = [], [], 0
-            for label, name in enumerate(self.classes):
-                for f in sorted((self.root / split / name).glob("*")):
-                    if f.suffix.lower() in IMAGE_EXTENSIONS:
-                        files.append(f)
-                        labels.append(label)
-                    elif f.is_file():
-                        skipped += 1
-            if skipped:
-                print(f"{self.root}/{split}: skipped {skipped} files that are not images", file=sys.stderr)
-            self.files[split], self.labels[split] = files, np.array(labels, dtype=np.int64)
-        self._decoded = {}
+        self.test_only = sorted((n for n in scans["test"].folders if n not in scans["train"].folders),
+                                key=natural_key)
+        self.folders = self.classes + self.test_only
+        self.normal_classes = [i for i, n in enumerate(self.classes) if n in scans["test"].folders]
+        self.files, self.labels, self.skipped = {}, {}, []  # skipped: entries that are no class or no image
+        for split, scan in scans.items():
+            pairs = [(f, i) for i, name in enumerate(self.folders) for f in scan.folders.get(name, [])]
+            self.files[split] = [f for f, _ in pairs]
+            self.labels[split] = np.array([i for _, i in pairs], dtype=np.int64)
+            self.skipped += [(str(p), why) for p, why in scan.not_classes + scan.not_images]
+            self._say_left_out(split, scan)
+        if self.classes[:10] == list(CIFAR10_CLASSES) and len(self.classes) > 10:
+            note(f"{self.root}: classes 0-9 are CIFAR-10's in torchvision order; the other train/ folders follow: "
+                 + named(f"{i}={n}" for i, n in enumerate(self.classes) if i >= 10))
+        self.left_out = list(self.skipped)  # and every image file refused when decoded, as they are met
+        self._said = set()
+        self._decoded = {}  # (split, index) -> (uint8 (S, S, 3) array, notes) or (None, reason)
+
+    def _say_left_out(self, split, scan: SplitScan):
+        where = f"{self.root}/{split}"
+        if scan.not_classes:
+            note(f"{where}: left out {len(scan.not_classes)} entries that are not class folders: "
+                 + named(f"{p.name} ({why})" for p, why in scan.not_classes))
+        if scan.not_images:
+            note(f"{where}: skipped {len(scan.not_images)} files that are not images: "
+                 + named(f"{self.rel(p, split)} ({why})" for p, why in scan.not_images))
+        if scan.nested:
+            note(f"{where}: images in subfolders of class folders belong to that class: "
+                 + named(f"{n} {k}" for n, k in scan.nested.items()))
+
+    def rel(self, path, split) -> str:
+        return str(Path(path).relative_to(self.root / split))
 
     def class_has_images(self, split: str, label: int) -> bool:
         return bool((self.labels[split] == label).any())
 
     def _decode(self, path: Path):
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.width != im.height or im.width > self.load_size:  # square it: shorter side, center crop
-                    s = self.load_size / min(im.size)
-                    w, h = (max(self.load_size, round(d * s)) for d in im.size)
-                    im = im.resize((w, h), Image.BILINEAR)
-                    left, top = (im.width - self.load_size) // 2, (im.height - self.load_size) // 2
-                    im = im.crop((left, top, left + self.load_size, top + self.load_size))
-                return np.asarray(im)
-        except Exception:  # not an image after all, truncated, too large to trust: left out, and counted
-            return None
+            a, notes = read_image(path)
+        except UnreadableImage as e:
+            return None, str(e)
+        a, resized = square(a, self.load_size)
+        return a, notes + [resized] * bool(resized)
 
     def images(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """Decode the chosen images; unreadable files are left out and counted. Returns (uint8 images, kept idx)."""
-        arrays, kept = [], []
-        for i in idx:
-            key = (split, int(i))
-            if key not in self._decoded:
-                self._decoded[key] = self._decode(self.files[split][i])
-            if self._decoded[key] is not None:
-                arrays.append(self._decoded[key])
-                kept.append(i)
-        bad = len(idx) - len(kept)
-        if bad:
-            print(f"{self.root}/{split}: skipped {bad} unreadable image files", file=sys.stderr)
-        sizes = Counter(a.shape for a in arrays)
-        if len(sizes) > 1:  # images of different sizes: bring all to the most common one
-            shape = sizes.most_common(1)[0][0]
-            arrays = [a if a.shape == shape else np.asarray(Image.fromarray(a).resize(shape[1::-1], Image.BILINEAR))
+        """Decode the chosen images as a viewer shows them (cached). Files that cannot be shown are left out and
+        named with the reason, and what decoding did is noted, once each. Returns (uint8 images, kept idx)."""
+        new = [int(i) for i in idx if (split, int(i)) not in self._decoded]
+        for i in new:
+            self._decoded[split, i] = self._decode(self.files[split][i])
+        refused, notes = self.decode_report(split, new)
+        self.left_out += refused
+        if refused:
+            note(f"{self.root}/{split}: skipped {len(refused)} unreadable image files: "
+                 + named(f"{self.rel(p, split)} ({why})" for p, why in refused))
+        for line in notes:
+            note(f"{self.root}/{split}: {line}")
+        kept = np.array([i for i in idx if self._decoded[split, int(i)][0] is not None], dtype=np.int64)
+        arrays = [self._decoded[split, int(i)][0] for i in kept]
+        side = self.load_size
+        if len({a.shape for a in arrays}) > 1:  # every image is square and at most `side` now (see square)
+            small = Counter(f"{a.shape[0]}x{a.shape[1]}" for a in arrays if a.shape[0] != side)
+            self._note_once(f"{self.root}/{split}: images of several sizes: "
+                            f"{named(f'{n} of {s}' for s, n in small.items())} resized to {side}x{side} "
+                            f"(the preprocessing's resize) to be stored with the others")
+            arrays = [a if a.shape[0] == side else np.asarray(Image.fromarray(a).resize((side, side), Image.BILINEAR))
                       for a in arrays]
         if not arrays:
-            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), np.array(kept, dtype=np.int64)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), np.array(kept, dtype=np.int64)
+            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), kept
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), kept
+
+    def decode_report(self, split: str, idx) -> tuple[list, list]:
+        """For decoded images idx: the files left out [(path, reason)], and one line per kind of change made
+        ('3 images turned upright by the EXIF orientation (e.g. cat/1.jpg)')."""
+        refused, kinds = [], {}
+        for i in idx:
+            a, what = self._decoded[split, int(i)]
+            path = self.files[split][int(i)]
+            if a is None:
+                refused.append((str(path), what))
+                continue
+            for phrase in what:
+                kinds.setdefault(phrase, []).append(self.rel(path, split))
+        lines = [f"{len(paths)} image{'s' * (len(paths) > 1)} {phrase} (e.g. {paths[0]})"
+                 for phrase, paths in kinds.items()]
+        return refused, lines
+
+    def _note_once(self, message: str):
+        if message not in self._said:
+            self._said.add(message)
+            note(message)
 
 
 class TorchvisionCIFAR10:
@@ -115,6 +482,8 @@ class TorchvisionCIFAR10:
     def __init__(self, root):
         import torchvision
         self.root, self.classes = Path(root), list(CIFAR10_CLASSES)
+        self.test_only, self.folders, self.normal_classes = [], self.classes, list(range(10))
+        self.files, self.left_out, self.skipped = None, [], []
         self._data, self.labels = {}, {}
         for split in ("train", "test"):
             try:
@@ -131,22 +500,99 @@ class TorchvisionCIFAR10:
     def images(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         return torch.from_numpy(self._data[split][idx]).permute(0, 3, 1, 2).contiguous(), idx
 
+    def decode_report(self, split: str, idx) -> tuple[list, list]:
+        return [], []
+
 
 def open_source(data_dir=None, data_root="./data", image_size=224):
     return ImageFolder(data_dir, resize_size(image_size)) if data_dir else TorchvisionCIFAR10(data_root)
 
 
+## --------------------------------------------------------------------------------------------------------
+## --cls: which class is normal.
+
+CLS_HELP = ("normal class: a class folder's name (e.g. cat), an index (0-9 on CIFAR-10 in torchvision order, 3 = "
+            "cat; otherwise the natural order of train/'s class folders; where the folders are named by numbers, a "
+            "number is a name), name:X or index:N where a number could mean two classes (refused until then), or "
+            "all (every class with train and test images)")
+DIGITS = re.compile(r"[0-9]+")
+
+
 def class_index(source, cls) -> int:
-    """--cls takes an index or a class name; anything else lists the valid choices."""
-    names = source.classes
-    label = int(cls) if str(cls).isdigit() else (names.index(cls) if cls in names else None)
-    if label is None or not 0 <= label < len(names):
-        choices = ", ".join(f"{i}={n}" for i, n in enumerate(names))
-        raise DataError(f"no class {cls!r}: choose an index 0-{len(names) - 1} or a name ({choices})")
-    for split in ("train", "test"):
-        if not source.class_has_images(split, label):
-            raise DataError(f"class {names[label]!r} has no images in {split}/ of {source.root}")
+    """The index (into source.classes) of the normal class named by --cls, checked that it can be normal.
+    cls: an int is an index (as config.json stores it). A string is an exact class folder name, 'name:X',
+    'index:N', or a bare number, which is an index unless the class folders are named by numbers (0..11): there it
+    is a folder's name. Refused as ambiguous, with how to say which: a number naming one folder and indexing
+    another while the other folders have word names, a number naming no folder where they are numbers, and a
+    number whose CIFAR-10 class is another than its folder here (see cifar_meaning). Raises DataError."""
+    label = resolve_class(source, cls)
+    name = source.classes[label]
+    if not source.class_has_images("test", label):
+        raise DataError(f"class {name!r} has no images in test/ of {source.root}: it can only be an anomaly in "
+                        f"validation; put its test images in test/{name}/ or choose another class")
     return label
+
+
+def resolve_class(source, cls) -> int:
+    names = source.classes
+    if isinstance(cls, (int, np.integer)):
+        return checked_index(source, int(cls), str(cls))
+    cls = str(cls)
+    numbered = all(DIGITS.fullmatch(n) for n in names)  # folders 0, 1, 2 ...: a number is a name there
+    if cls in names:
+        i = names.index(cls)
+        if DIGITS.fullmatch(cls) and not numbered and int(cls) < len(names) and int(cls) != i:
+            raise DataError(f"--cls {cls} is ambiguous: folder '{cls}' is class {i}, and class {cls} is folder "
+                            f"'{names[int(cls)]}': write --cls name:{cls} or --cls index:{cls}")
+        return i
+    if cls.startswith("name:") and cls[5:] in names:
+        return names.index(cls[5:])
+    if cls.startswith("index:") and DIGITS.fullmatch(cls[6:]):
+        return checked_index(source, int(cls[6:]), cls)
+    if cls.removeprefix("name:") in source.test_only:
+        raise DataError(f"folder {cls.removeprefix('name:')!r} is only in test/ (it has no training images), so it "
+                        f"can only be anomalous: choose one of {choices(source)}")
+    if DIGITS.fullmatch(cls) and numbered and int(cls) < len(names):
+        raise DataError(f"--cls {cls} is ambiguous: the class folders are named by numbers and none is '{cls}': "
+                        f"write --cls index:{cls} for class {cls} (folder '{names[int(cls)]}'), or a folder's name")
+    if DIGITS.fullmatch(cls):
+        cifar_meaning(source, int(cls))
+        return checked_index(source, int(cls), cls)
+    raise no_class(source, cls)
+
+
+def cifar_meaning(source, i: int):
+    """method.md and the README number CIFAR-10's classes 0-9 (3 = cat). Where the class folders carry CIFAR-10
+    names but not all ten (all ten keep those indices, see class_order), a number meaning another class here than
+    in CIFAR-10 is refused rather than read one way."""
+    names = source.classes
+    if i >= 10 or not set(names) & set(CIFAR10_CLASSES):
+        return
+    cifar, here = CIFAR10_CLASSES[i], (names[i] if i < len(names) else None)
+    if here == cifar or (here is None and cifar not in names):
+        return
+    where = f"class {names.index(cifar)} here" if cifar in names else "not among these folders"
+    if here is None:
+        raise DataError(f"--cls {i}: on CIFAR-10, {i} is {cifar} ({where}), and there is no class {i} here: "
+                        f"write --cls {cifar}")
+    raise DataError(f"--cls {i} is ambiguous: on CIFAR-10, {i} is {cifar} ({where}), and here class {i} is folder "
+                    f"'{here}': write --cls {here if cifar not in names else cifar} or --cls index:{i}")
+
+
+def checked_index(source, i: int, cls: str) -> int:
+    if not 0 <= i < len(source.classes):
+        raise no_class(source, cls)
+    return i
+
+
+def choices(source) -> str:
+    return named((f"{i}={n}" for i, n in enumerate(source.classes)), shown=20)
+
+
+def no_class(source, cls: str) -> DataError:
+    only = f"; only in test/, anomalous: {named(source.test_only)}" if source.test_only else ""
+    return DataError(f"no class {cls!r}: choose an index 0-{len(source.classes) - 1} or a name "
+                     f"({choices(source)}{only})")
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -169,7 +615,7 @@ def limit_labelled(idx: np.ndarray, anomalous: np.ndarray, limit: int | None, se
     if limit is None or limit >= len(idx):
         return idx
     n_normal = (~anomalous).sum()
-    if n_normal in (0, len(idx)):  # one kind only: one_class_data refuses it with a clearer message
+    if n_normal in (0, len(idx)):  # one kind only: one_class_data says what that means
         return idx[:limit]
     keep_normal = min(n_normal, max(1, round(limit * n_normal / len(idx))))
     keep_anomalous = limit - keep_normal
@@ -183,7 +629,10 @@ def limit_labelled(idx: np.ndarray, anomalous: np.ndarray, limit: int | None, se
 
 @dataclass
 class OneClassData:
-    """uint8 images (n, 3, H, W) of each split; val/test labels are NORMAL / ANOMALOUS."""
+    """uint8 images (n, 3, H, W) of each split; val/test labels are NORMAL / ANOMALOUS. From an image folder,
+    *_files are the image paths in the order of the images (None for torchvision's CIFAR-10), *_anomalous the
+    anomalous images per class folder, left_out every (path, reason) left out of this run, notes what decoding
+    changed in its images (one line per kind)."""
     normal_class: int
     class_name: str
     train: torch.Tensor
@@ -191,40 +640,88 @@ class OneClassData:
     val_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
+    train_files: list | None = None
+    val_files: list | None = None
+    test_files: list | None = None
+    val_anomalous: dict = field(default_factory=dict)
+    test_anomalous: dict = field(default_factory=dict)
+    left_out: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
 
     def to(self, device):
         for name in ("train", "val", "val_labels", "test", "test_labels"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    @property
+    def val_has_anomalies(self) -> bool:
+        """False in the layout train/good, test/good, test/<defect>: then validation AUROC cannot be computed."""
+        return bool((self.val_labels == ANOMALOUS).any())
+
     def summary(self) -> str:
         def counts(y):
             return f"{(y == NORMAL).sum().item()} normal + {(y == ANOMALOUS).sum().item()} anomalous"
-        return (f"class {self.normal_class} ({self.class_name}): train {len(self.train)} normal images, "
-                f"val {counts(self.val_labels)}, test {counts(self.test_labels)}")
+        which = f"class {self.normal_class} ({self.class_name})"
+        if self.test_files is not None:
+            which = f"class {self.normal_class} (folder {self.class_name!r})"
+        val = counts(self.val_labels) + ("" if self.val_has_anomalies else
+                                         " (train/ has no other class: no validation AUROC)")
+        kinds = named((f"{k} {n}" for k, n in self.test_anomalous.items()), shown=12)
+        return (f"{which}: train {len(self.train)} normal images, val {val}, test {counts(self.test_labels)}"
+                + (f" ({kinds})" if kinds else ""))
+
+    def record(self) -> dict:
+        """What a run record should keep about its data (JSON-ready)."""
+        return {"class_folder": self.class_name, "val_anomalous": self.val_anomalous,
+                "test_anomalous": self.test_anomalous, "left_out": [list(p) for p in self.left_out],
+                "notes": self.notes}
 
 
 def one_class_data(source, cls, seed=0, limit=None, val_fraction=0.1) -> OneClassData:
+    """The protocol's three splits for normal class `cls` (see class_index). Validation may hold no anomalous
+    image (train/ with the normal class only); the test split must hold both kinds. Raises DataError."""
     label = class_index(source, cls)
+    name = source.classes[label]
     train_labels, test_labels = source.labels["train"], source.labels["test"]
     train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
     train_idx = train_idx[train_labels[train_idx] == label][:limit]  # only the normal class is trained on
     val_idx = limit_labelled(val_idx, train_labels[val_idx] != label, limit, seed, "validation")
     test_idx = limit_labelled(np.arange(len(test_labels)), test_labels != label, limit, seed, "test")
 
-    train, _ = source.images("train", train_idx)
-    val, val_idx = source.images("train", val_idx)
+    chosen = {"train": train_idx, "val": val_idx, "test": test_idx}
+    both, kept = source.images("train", np.concatenate([train_idx, val_idx]))  # one decoding report for train/
+    in_train = np.isin(kept, train_idx)
+    train, val = both[torch.from_numpy(in_train)], both[torch.from_numpy(~in_train)]
+    train_idx, val_idx = kept[in_train], kept[~in_train]
     test, test_idx = source.images("test", test_idx)
+    val_y = torch.from_numpy((train_labels[val_idx] != label).astype(np.int64))
+    test_y = torch.from_numpy((test_labels[test_idx] != label).astype(np.int64))
     if len(train) == 0:
-        raise DataError(f"no readable training images of class {source.classes[label]!r}")
-    def as_labels(y):
-        return torch.from_numpy((y != label).astype(np.int64))
-    val_y, test_y = as_labels(train_labels[val_idx]), as_labels(test_labels[test_idx])
-    for name, y in (("validation", val_y), ("test", test_y)):
-        if len(y) == 0 or y.min() == y.max():
-            raise DataError(f"the {name} images are all of one kind (need normal and anomalous ones); "
-                            f"check the folder or raise --limit")
-    return OneClassData(label, source.classes[label], train, val, val_y, test, test_y)
+        raise DataError(f"no readable training images of class {name!r}")
+    if not (train_labels[chosen["val"]] == label).any():
+        raise DataError(f"no validation image of class {name!r}: {val_fraction:.0%} of its training images, "
+                        f"rounded, is none; it needs more training images")
+    for part, y in (("validation", val_y), ("test", test_y)):
+        if not (y == NORMAL).any():
+            raise DataError(f"no readable {part} images of class {name!r} (see the notes above)")
+    if not (test_y == ANOMALOUS).any():
+        raise DataError(f"the test images are all of class {name!r}: anomaly detection needs anomalous test "
+                        f"images (other folders in test/); check the folder or raise --limit")
+
+    left_out, notes = list(source.skipped), []
+    for split, part in (("train", "train"), ("train", "val"), ("test", "test")):
+        refused, lines = source.decode_report(split, chosen[part])
+        left_out += refused
+        notes += [f"{part}: {line}" for line in lines]
+
+    def per_folder(labels, idx):
+        return dict(Counter(source.folders[c] for c in labels[idx] if c != label))
+
+    def paths(split, idx):
+        return None if source.files is None else [str(source.files[split][i]) for i in idx]
+    return OneClassData(label, name, train, val, val_y, test, test_y, paths("train", train_idx),
+                        paths("train", val_idx), paths("test", test_idx), per_folder(train_labels, val_idx),
+                        per_folder(test_labels, test_idx), left_out, notes)
 
 
 ## --------------------------------------------------------------------------------------------------------

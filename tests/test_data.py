@@ -98,7 +98,8 @@ def test_augment_slices_follow_the_order():
 @pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason="../shared/data/cifar10-jpeg not present")
 def test_real_cifar10_folder():
     source = data.open_source(CIFAR_JPEG, image_size=224)
-    assert source.classes == list(data.CIFAR10_CLASSES)
+    assert source.classes == list(data.CIFAR10_CLASSES) and source.normal_classes == list(range(10))
+    assert source.test_only == [] and source.skipped == []
     assert len(source.labels["train"]) == 50_000 and len(source.labels["test"]) == 10_000
     d = data.one_class_data(source, "cat", seed=0, limit=40)
     assert d.train.shape == (40, 3, 32, 32) and d.train.dtype == torch.uint8

@@ -7,7 +7,8 @@ What lives here is about *files*, not networks: vit.py and vgg.py decide what th
 - `check_state_dict(...)` compares the tensors a loader wants with the tensors a file has and refuses a
   partial load (missing keys, unexpected keys, wrong shapes) naming the first few offenders.
 - `PRESETS` / `resolve_teacher(...)` turn a preset name, an http(s) address or a local path into a local
-  .safetensors file, downloading on first use into a cache folder (addresses: shared/docs/checkpoints.md).
+  .safetensors file: hub files through huggingface_hub into the standard Hugging Face cache, other addresses
+  into our own, pickles converted once.
 - `convert_pickle(src, dst)` turns a PyTorch pickle (.bin/.pth) into safetensors, tensors only;
   `convert_onnx(src, dst)` does the same for a torch.onnx export of a Hugging Face ViT / DINOv2 backbone.
 
@@ -26,8 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+# torch (and safetensors.torch, which imports it) are imported inside the functions that use them: cli.py reads
+# PRESETS from here before train.py imports torch, so that --help and a bad flag answer at once.
 
 
 class CheckpointError(ValueError):
@@ -82,8 +83,10 @@ def read_header(path) -> dict:
     return header
 
 
-def read_tensors(path) -> dict[str, torch.Tensor]:
-    """All tensors of a checked .safetensors file, on the CPU, floats as float32, wrapper prefixes removed."""
+def read_tensors(path) -> dict:
+    """{name: torch.Tensor} of a checked .safetensors file, on the CPU, floats as float32, wrapper prefixes
+    removed."""
+    from safetensors.torch import load_file
     read_header(path)
     try:
         tensors = load_file(str(path))
@@ -129,6 +132,7 @@ def check_state_dict(path, found: dict, expected: dict, what: str):
 
 def check_finite(path, tensors: dict):
     """Refuse NaN/inf in the tensors that will be used (some files carry unused heads full of NaN)."""
+    import torch
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path} has non-finite values (NaN/inf) in {_few(bad)}: the file is damaged")
@@ -164,6 +168,7 @@ def write_atomically(path, write):
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None):
+    from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -192,6 +197,7 @@ def _pickled_class(src) -> str | None:
 def convert_pickle(src, dst, overwrite=False):
     """Convert a PyTorch pickle (.bin/.pth) into safetensors. weights_only=True: tensors only, no code runs.
     Training checkpoints' {"state_dict": ...} / {"model": ...} nesting and DataParallel's "module." are removed."""
+    import torch
     _check_paths(src, dst, overwrite)
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
@@ -245,6 +251,7 @@ def _is_named(name: str) -> bool:
 def onnx_backbone(src) -> tuple[dict, dict]:
     """({Hugging Face name: tensor} of the ViT / DINOv2 backbone in a torch.onnx export, {name: shape} of the
     float initializers left out: other modules (e.g. a task head) and anonymous tensors not recognised)."""
+    import torch
     graph, arrays = _onnx_graph(src)
     marker = "embeddings.patch_embeddings.projection.weight"
     hits = [n for n in arrays if n.endswith(marker) and _is_named(n)]
@@ -280,6 +287,7 @@ def onnx_backbone(src) -> tuple[dict, dict]:
 def _onnx_position_table(src, arrays, consumers, used, width):
     """Glue the folded [1, 1, D] CLS part (fed to a Concat) and [1, N, D] patch part (fed to the Reshape before
     the run-time resize) back into [1, 1 + N, D]."""
+    import torch
     def part(rows, op):
         found = [k for k, v in arrays.items() if not _is_named(k) and k not in used and v.ndim == 3
                  and v.shape[0] == 1 and v.shape[2] == width and rows(v.shape[1])
@@ -308,8 +316,7 @@ def convert_onnx(src, dst, overwrite=False) -> str:
 
 
 ## --------------------------------------------------------------------------------------------------------
-## Teacher presets. Addresses from shared/docs/checkpoints.md; the host can be changed with HF_ENDPOINT (as in
-## huggingface_hub), which is also how the tests point it at a closed port.
+## Teacher presets: Hugging Face repositories (the host can be changed with HF_ENDPOINT, e.g. a mirror).
 
 @dataclass(frozen=True)
 class Preset:
@@ -353,22 +360,160 @@ DEFAULT_TEACHER = {"vit": "vit-b16-cifar10", "vgg": "vgg16"}
 LABEL_FREE_VIT = [name for name, p in PRESETS.items() if p.backbone == "vit" and name != "vit-b16-cifar10"]
 
 
-def preset_url(name: str) -> str:
-    p = PRESETS[name]
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/{p.repo}/resolve/main/{p.filename}"
+## --------------------------------------------------------------------------------------------------------
+## Where a teacher file comes from: the Hugging Face hub through huggingface_hub (its standard cache, shared with
+## timm and transformers; resumable downloads; HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT, HF_HOME as users know them),
+## another http(s) address (fetched once into our own cache), or a local file. A pickle is converted once.
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher file ready to read, and where it came from (config.json records `origin`)."""
+    path: Path          # a local .safetensors file
+    preset: str | None  # the preset it is, also when given by a path into a cache
+    origin: dict        # {"repo", "filename", "revision", "commit"} from the hub, {"url"}, or {"file"}
 
 
 def default_cache() -> Path:
+    """Our own cache (pickles converted to safetensors, files from other addresses): $KDAD_CACHE or
+    ~/.cache/kdad-vit. Hub files stay in the Hugging Face cache."""
     return Path(os.environ.get("KDAD_CACHE", Path.home() / ".cache" / "kdad-vit"))
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def resolve_teacher(teacher: str, cache_dir=None) -> Teacher:
+    """The Teacher for a preset name, an http(s) address or a path. cache_dir (--cache-dir) replaces both the
+    Hugging Face cache and ours. Raises CheckpointError with one line for anything that cannot be fetched."""
+    if teacher in PRESETS:
+        p = PRESETS[teacher]
+        return hub_teacher(p.repo, p.filename, "main", cache_dir, teacher)
+    if teacher.startswith(("http://", "https://")):
+        hub = parse_hub_url(teacher)
+        if hub:
+            return hub_teacher(*hub, cache_dir, preset_of_repo(hub[0], hub[1]))
+        return Teacher(fetch_into_cache(teacher, (Path(cache_dir) if cache_dir else default_cache()) /
+                                        cache_name(teacher)), None, {"url": teacher})
+    path = Path(teacher).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"teacher not found: {teacher} is neither a file nor a preset ({', '.join(PRESETS)})")
+    return Teacher(path, preset_of_path(path), {"file": str(path.resolve())})
+
+
+def parse_hub_url(url: str) -> tuple[str, str, str] | None:
+    """(repo, filename, revision) of a <endpoint>/<org>/<repo>/resolve/<revision>/<file> address, else None."""
+    from urllib.parse import unquote
+    host = hub_endpoint()
+    if not url.startswith(host + "/") or "/resolve/" not in url:
+        return None
+    repo, rest = url[len(host) + 1:].split("?")[0].split("/resolve/", 1)
+    revision, _, filename = rest.partition("/")
+    return (repo, unquote(filename), unquote(revision)) if repo.count("/") == 1 and filename else None
+
+
+def preset_of_repo(repo: str, filename: str) -> str | None:
+    return next((n for n, p in PRESETS.items() if (p.repo, p.filename) == (repo, filename)), None)
+
+
+def preset_of_path(path: Path) -> str | None:
+    """The preset a local file is, when it lies in a cache: models--<org>--<repo>/snapshots/<commit>/<file> in
+    the Hugging Face cache, or our converted <org>--<repo>-<commit>-<file>.safetensors."""
+    for name, p in PRESETS.items():
+        slug = p.repo.replace("/", "--")
+        in_hub = path.name == p.filename and f"models--{slug}" in path.parts
+        if in_hub or (path.name.startswith(slug + "-") and path.name.endswith(f"-{p.filename}.safetensors")):
+            return name
+    return None
+
+
+def hub_teacher(repo: str, filename: str, revision: str, cache_dir, preset: str | None) -> Teacher:
+    """A file of a hub repository as a local safetensors file. A cached file is used as it is (offline too); a
+    damaged one (a failed or foreign download) is fetched once more, then refused; a pickle is converted once,
+    into our cache, named after the repository and the commit it came from."""
+    path = hub_download(repo, filename, revision, cache_dir)
+    commit = path.parent.name if path.parent.parent.name == "snapshots" else None
+    origin = {"repo": repo, "filename": filename, "revision": revision, "commit": commit}
+    if filename.endswith((".bin", ".pth", ".pt")):
+        converted = (Path(cache_dir) if cache_dir else default_cache()) / \
+            f"{repo.replace('/', '--')}-{(commit or 'unknown')[:12]}-{filename}.safetensors"
+        if not converted.is_file():
+            converted.parent.mkdir(parents=True, exist_ok=True)
+            print(f"converting {filename} of {repo} to safetensors, once: {converted}")
+            convert_pickle(path, converted, overwrite=True)
+        return Teacher(converted, preset, origin)
+    try:
+        read_header(path)
+    except CheckpointError as e:
+        print(f"note: the cached {repo}/{filename} is damaged ({e}); downloading it again")
+        forget(path)
+        path = hub_download(repo, filename, revision, cache_dir, force=True)
+        try:
+            read_header(path)
+        except CheckpointError as e:
+            forget(path)  # nothing damaged stays in the cache
+            raise CheckpointError(f"{filename} of {repo} from {hub_endpoint()} is no safetensors file, downloaded "
+                                  f"twice ({e}); a proxy or login page in the way? Download it by hand and pass it "
+                                  f"with --teacher FILE") from None
+    return Teacher(path, preset, origin)
+
+
+def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False) -> Path:
+    """huggingface_hub.hf_hub_download, with its errors said in one line and its retry warnings kept quiet."""
+    import logging
+
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+    where = f"{filename} of {repo} (revision {revision}) from {hub_endpoint()}"
+    advice = "see 'Without network' in the README, or pass a local file with --teacher"
+    hf_logger = logging.getLogger("huggingface_hub")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir, force_download=force,
+                                    endpoint=os.environ.get("HF_ENDPOINT")))
+    except GatedRepoError:
+        raise CheckpointError(f"{repo} is gated: accept its terms on its hub page, then set HF_TOKEN (or run "
+                              f"`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no repository {repo} at {hub_endpoint()} (or it is private: set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo} has no revision {revision}") from None
+    except LocalEntryNotFoundError:
+        offline = " and offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
+        raise CheckpointError(f"could not download {where}: no connection{offline}, and it is not in the Hugging "
+                              f"Face cache ({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
+    except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"could not download {where} ({reason}); {advice}") from None
+    finally:
+        hf_logger.setLevel(level)
+
+
+def forget(path: Path):
+    """Remove a file from the Hugging Face cache: its snapshot entry and the blob it points to."""
+    blob = Path(os.path.realpath(path))
+    path.unlink(missing_ok=True)
+    if blob != path:
+        blob.unlink(missing_ok=True)
+
+
+def cache_name(url: str) -> str:
+    """One cache file per address: the file's name and a digest of the whole address."""
+    stem = Path(url.split("?")[0]).stem or "teacher"
+    return f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:10]}.safetensors"
+
+
 def download(url: str, dst: Path, check=None, timeout: float = 30.0):
-    """Fetch url into dst through a temporary file, so an interrupted download never looks like a finished one;
-    a short read or a failed check(tmp) (e.g. an error page instead of a model) keeps nothing."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch an address that is not on the hub into dst through a temporary file, so an interrupted download never
+    looks like a finished one; a short read or a failed check(tmp) (e.g. an error page instead of a model) keeps
+    nothing. (Hub files go through huggingface_hub instead.)"""
     print(f"downloading {url} -> {dst}")
-    tty = sys.stderr.isatty()
+    created = not dst.parent.exists()
+    dst.parent.mkdir(parents=True, exist_ok=True)
 
     def fetch(tmp: Path):
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
@@ -376,10 +521,6 @@ def download(url: str, dst: Path, check=None, timeout: float = 30.0):
             for block in iter(lambda: r.read(1 << 20), b""):
                 f.write(block)
                 done += len(block)
-                if tty:
-                    print(f"\r  {done / 2**20:.0f} / {total / 2**20:.0f} MiB", end="", file=sys.stderr)
-        if tty:
-            print(file=sys.stderr)
         if total and done != total:  # a dropped connection can end the read early without an error
             raise OSError(f"the connection closed after {done} of {total} bytes")
         if check:
@@ -388,45 +529,29 @@ def download(url: str, dst: Path, check=None, timeout: float = 30.0):
         write_atomically(dst, fetch)
     except (urllib.error.URLError, OSError, CheckpointError) as e:
         dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
+        if created and not any(dst.parent.iterdir()):
+            dst.parent.rmdir()  # a failed first download leaves no empty cache folder behind
         reason = getattr(e, "reason", None) or e
-        raise CheckpointError(f"could not download {url} ({reason}); without network, download it elsewhere "
-                              f"and pass the file with --teacher /path/to/model.safetensors") from None
-
-
-def cache_name(url: str, name: str) -> str:
-    """One cache file per address."""
-    return f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:10]}.safetensors"
-
-
-def resolve_teacher(teacher: str, cache_dir=None) -> tuple[Path, str, str | None]:
-    """(a local .safetensors path, a short name, the preset it is or None) for a preset name, an http(s) address
-    or a path. Presets and addresses are downloaded once into the cache; a damaged cached file is fetched again."""
-    cache = Path(cache_dir) if cache_dir else default_cache()
-    if teacher in PRESETS or teacher.startswith(("http://", "https://")):
-        url = preset_url(teacher) if teacher in PRESETS else teacher
-        preset = next((n for n in PRESETS if preset_url(n) == url), None)
-        name = preset or Path(url.split("?")[0]).stem
-        return fetch_into_cache(url, cache / cache_name(url, name)), name, preset
-    path = Path(teacher).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"teacher not found: {teacher} is neither a file nor a preset ({', '.join(PRESETS)})")
-    preset = next((n for n in PRESETS if path.name == cache_name(preset_url(n), n)), None)  # a cached preset
-    return path, path.stem, preset
+        raise CheckpointError(f"could not download {url} ({reason}); see 'Without network' in the README, or "
+                              f"download it elsewhere and pass the file with --teacher FILE") from None
 
 
 def fetch_into_cache(url: str, dst: Path) -> Path:
+    """An address that is not on the hub, downloaded once into dst (a pickle converted on the way)."""
     if dst.is_file():
         try:
             read_header(dst)
             return dst
         except CheckpointError as e:
-            print(f"the cached teacher is damaged ({e}); downloading it again")
+            print(f"note: the cached teacher is damaged ({e}); downloading it again")
             dst.unlink()
     if url.split("?")[0].endswith((".bin", ".pth", ".pt")):  # a pickle: fetched, converted once, removed
         raw = dst.with_suffix(".pickle")
         download(url, raw)
-        convert_pickle(raw, dst)
-        raw.unlink()
+        try:
+            convert_pickle(raw, dst, overwrite=True)
+        finally:
+            raw.unlink()
     else:
         download(url, dst, check=read_header)
     return dst

@@ -36,11 +36,15 @@ def train_parser() -> OneLineParser:
                                   "student on one normal class and report its test ROC AUC.")
     g = p.add_argument_group("what to train")
     g.add_argument("--backbone", required=True, choices=["vgg", "vit"])
-    g.add_argument("--cls", required=True, help="normal class: a folder name, an index (0-9 on CIFAR-10, e.g. 3 = "
-                                                "cat), or all")
+    g.add_argument("--cls", required=True,
+                   help="normal class: a class folder's name (e.g. cat); an index (0-9 on CIFAR-10 in torchvision "
+                        "order, 3 = cat; otherwise the natural order of train/'s class folders; where the folders are "
+                        "named by numbers, a number is a name); name:X or index:N where a number could mean two "
+                        "classes (refused until then); or all (every class with train and test images)")
     g.add_argument("--teacher", help=f"preset ({', '.join(PRESETS)}), http(s) address or .safetensors path "
                                      f"(default: {DEFAULT_TEACHER['vit']} for vit, {DEFAULT_TEACHER['vgg']} for vgg)")
-    g.add_argument("--cache-dir", help="where presets are downloaded (default: $KDAD_CACHE or ~/.cache/kdad-vit)")
+    g.add_argument("--cache-dir", help="where teachers are downloaded and converted (default: the Hugging Face cache "
+                                       "for hub files, HF_HOME; ~/.cache/kdad-vit, KDAD_CACHE, for the rest)")
     g.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"),
                    help="input mean the teacher expects (default: its checkpoint family's)")
     g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),

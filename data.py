@@ -27,7 +27,6 @@ import io
 import os
 import re
 import sys
-import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -511,10 +510,6 @@ def open_source(data_dir=None, data_root="./data", image_size=224):
 ## --------------------------------------------------------------------------------------------------------
 ## --cls: which class is normal.
 
-CLS_HELP = ("normal class: a class folder's name (e.g. cat), an index (0-9 on CIFAR-10 in torchvision order, 3 = "
-            "cat; otherwise the natural order of train/'s class folders; where the folders are named by numbers, a "
-            "number is a name), name:X or index:N where a number could mean two classes (refused until then), or "
-            "all (every class with train and test images)")
 DIGITS = re.compile(r"[0-9]+")
 
 
@@ -820,15 +815,3 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
     for i in starts:
         idx = order[i:i + batch_size]  # stays on the CPU: a GPU would otherwise wait to hand it back for caches
         yield idx, prep(images[idx.to(images.device)], aug[i:i + batch_size])
-
-
-def progress(iterable, total: int, label: str, every: float = 2.0):
-    """Yield from iterable; on a terminal, redraw 'label i/total' on stderr at most every `every` seconds."""
-    show, last = sys.stderr.isatty(), time.time()
-    for i, item in enumerate(iterable):
-        yield item
-        if show and time.time() - last > every:
-            print(f"\r  {label} {i + 1}/{total}", end="", file=sys.stderr, flush=True)
-            last = time.time()
-    if show:
-        print("\r" + " " * (len(label) + 24) + "\r", end="", file=sys.stderr, flush=True)

@@ -138,6 +138,9 @@ def load_run(run_dir, device, precision=None):
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
     source = open_source(s["data_dir"], s["data_root"], s["image_size"])
     data = one_class_data(source, s["cls"], s["seed"], s["limit"]).to(device)
+    if data.class_name != s.get("class_name", data.class_name):
+        raise RunError(f"the classes of {s['data_dir']} changed since training: class {s['cls']} is now folder "
+                       f"{data.class_name!r}, was {s['class_name']!r}")
     prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device, channels_last(s["backbone"]))
     return cfg, kdad, data, prep, autocast(device, precision or s["precision"])
 

@@ -283,14 +283,17 @@ def data_identity(args) -> str:
 
 
 def is_cifar10(source) -> bool:
-    """torchvision's CIFAR-10, or a folder whose classes are exactly CIFAR-10's (e.g. the JPEG re-encoding)."""
-    return list(source.classes) == list(CIFAR10_CLASSES)
+    """torchvision's CIFAR-10, or a folder whose class folders (train/ and test/) are exactly CIFAR-10's."""
+    return list(source.folders) == list(CIFAR10_CLASSES)
 
 
 def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Run) -> dict:
     """Train and score one normal class into the run folder `run`; returns results.json's content."""
     started = time.time()
     data = one_class_data(source, cls, args.seed, args.limit)
+    if args.select == "val-auroc" and not data.val_has_anomalies:
+        raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only class "
+                       f"{data.class_name!r}: use --select final")
     if args.knn_k > len(data.train):
         raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
                        f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
@@ -309,7 +312,8 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
         run.keep_earlier(done["epochs"])  # --resume with more epochs extends a finished run
     print(data.summary())
     run.write_config({"settings": settings, "teacher": teacher_info,
-                      "data": {"cifar10": is_cifar10(source), "classes": list(source.classes)},
+                      "data": {"cifar10": is_cifar10(source), "classes": list(source.classes),
+                               "test_only": list(source.test_only)} | data.record(),
                       "taps": asdict(taps_for(args.backbone, teacher)),
                       "student": asdict(student_config_for(args.backbone, teacher)),
                       "torch": torch.__version__, "device": str(device)}, resume)
@@ -340,10 +344,11 @@ def describe(teacher) -> str:
 def prepare_teacher(args, device):
     """Resolve, load and describe the teacher; returns (teacher, its identity for config.json)."""
     name = args.teacher or DEFAULT_TEACHER[args.backbone]
-    path, _, preset = resolve_teacher(name, args.cache_dir)
+    found = resolve_teacher(name, args.cache_dir)
+    path, preset = found.path, found.preset
     teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
                     args.backbone)
-    info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset,
+    info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset, "origin": found.origin,
             "path": str(Path(path).resolve()), "sha256": sha256(path),
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
             "label_leak": preset == "vit-b16-cifar10"}
@@ -371,7 +376,7 @@ def with_recipe(args):
 
 @dataclass
 class Job:
-    cls: str    # as --cls takes it: a folder name or an index
+    cls: str | int  # as --cls takes it (a folder name, a number, name:X, index:N), or an index for --cls all
     seed: int
     run: Path
 
@@ -390,7 +395,11 @@ def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
         return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, args.image_size,
                                args.limit, args.epochs, RECIPES[args.backbone]["epochs"])
     if args.cls == "all":
-        label, classes = "all", [(str(i), f"{i}-{name}") for i, name in enumerate(source.classes)]
+        label, classes = "all", [(i, f"{i}-{source.classes[i]}") for i in source.normal_classes]
+        if len(classes) < len(source.classes):
+            left = [n for i, n in enumerate(source.classes) if i not in source.normal_classes]
+            print(f"note: --cls all runs the classes with train and test images; not {', '.join(left)} (no test "
+                  f"images: they are anomalies in validation only)")
     else:
         label, classes = source.classes[class_index(source, args.cls)], [(args.cls, None)]
     jobs = [Job(cls, seed, folder(label, seed) / sub if sub else folder(label, seed))

@@ -188,3 +188,63 @@ def image_folder(root, classes=("ant", "bee", "cow"), n_train=30, n_test=10, siz
                 img[0, 0] = (c, s, i)
                 Image.fromarray(img).save(folder / f"{i:03d}.png")
     return str(root)
+
+
+class FakeHub:
+    """A stand-in for the Hugging Face hub on 127.0.0.1: serves root/<org>/<repo>/resolve/<revision>/<file> with the
+    headers huggingface_hub reads (X-Repo-Commit, ETag, Content-Length). mode "half" announces the whole file and
+    sends half of it (a dropped connection). `gets` counts the file downloads."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, root):
+        import hashlib
+        import http.server
+        import threading
+        from pathlib import Path
+        self.root, self.mode, self.gets = Path(root), "whole", 0
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def head(self):
+                path = hub.root / self.path.split("?")[0].lstrip("/")
+                if not path.is_file():  # the hub says which: no such repository, or no such file in it
+                    repo = hub.root / "/".join(self.path.lstrip("/").split("/")[:2])
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound" if repo.is_dir() else "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return data
+
+            def do_HEAD(self):
+                self.head()
+
+            def do_GET(self):
+                data = self.head()
+                if data is not None:
+                    hub.gets += 1
+                    self.wfile.write(data[: len(data) // 2] if hub.mode == "half" else data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def put(self, repo: str, filename: str, data: bytes):
+        path = self.root / repo / "resolve" / "main" / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return path
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

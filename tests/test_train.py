@@ -1,8 +1,6 @@
-"""train.py and evaluate.py end to end on a generated image folder with small random-weight teachers."""
-import http.server
+"""train.py and evaluate.py end to end on a generated image folder with small random-weight teachers (teachers
+from the hub: test_hub.py)."""
 import json
-import threading
-from functools import partial
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import cli
 import evaluate
 import train
 from checkpoint import read_tensors
-from helpers import image_folder, torchvision_vit, tv_to_hf, vgg16_file, vit_teacher_file
+from helpers import image_folder, vgg16_file, vit_teacher_file
 
 
 @pytest.fixture(scope="module")
@@ -49,40 +47,6 @@ def test_end_to_end_and_evaluate_reproduces(files, tmp_path, backbone, capsys):
     assert evaluate.main([str(out)]) == 0
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A local stand-in for the Hugging Face hub: serves tmp_path/hub over http, HF_ENDPOINT points at it."""
-    root = tmp_path / "hub"
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
-    yield root
-    server.shutdown()
-
-
-def test_default_vit_preset_downloads_converts_and_states_the_label_leak(files, tmp_path, hub, capsys):
-    # the reproduction's teacher is published as a Hugging Face pickle (.bin): serve a small one in HF layout
-    bin_path = hub / "nateraw/vit-base-patch16-224-cifar10/resolve/main/pytorch_model.bin"
-    bin_path.parent.mkdir(parents=True)
-    torch.save(tv_to_hf(torchvision_vit(eps=1e-12).state_dict(), head_model=True), bin_path)
-    argv = ["--backbone", "vit", "--cls", "1", "--data-dir", files["data"], "--image-size", "32", "--epochs", "1",
-            "--out", str(tmp_path / "r")]
-    assert train.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "fine-tuned on CIFAR-10 labels" in printed and "dino-vitb16" in printed
-    assert "huggingface ViT" in printed and "(0.5, 0.5, 0.5)" in printed  # the teacher's own normalisation
-    assert len(list((tmp_path / "cache").glob("vit-b16-cifar10-*.safetensors"))) == 1
-    results = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert results["teacher"] == "vit-b16-cifar10" and results["teacher_saw_cifar10_labels"] is True
-    assert train.main(argv[:-1] + [str(tmp_path / "r2")]) == 0  # second time from the cache, no download
-    assert "downloading" not in capsys.readouterr().out
-    cached = next((tmp_path / "cache").glob("vit-b16-cifar10-*.safetensors"))
-    assert train.main(["--teacher", str(cached)] + argv[:-1] + [str(tmp_path / "r3")]) == 0
-    assert "fine-tuned on CIFAR-10 labels" in capsys.readouterr().out  # the same teacher, given by its path
-
-
 def test_resume_continues_where_the_run_stopped(files, tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run(files, straight, "vit", "--epochs", "2") == 0
@@ -113,17 +77,6 @@ def test_all_classes_end_with_a_table(files, tmp_path, capsys):
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3 + 1  # header, 3 classes, mean
     assert (out / "table.csv").read_text().startswith("group,class,name,test_auroc")
     assert "| 2 | cow |" in capsys.readouterr().out
-
-
-def test_offline_preset_download_fails_with_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
-    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
-    assert train.main(["--backbone", "vit", "--cls", "3", "--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0
-    assert "could not download http://127.0.0.1:9/nateraw/vit-base-patch16-224-cifar10/resolve/main/" in err
-    assert "--teacher /path/to/model.safetensors" in err
-    assert not any((tmp_path / "cache").glob("*")), "no half-downloaded file is left behind"
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -186,54 +139,6 @@ def test_compiled_run_saves_plain_keys(files, tmp_path, monkeypatch):
     keys = read_tensors(out / "student.safetensors").keys()
     assert keys and not any("_orig_mod" in k for k in keys)
     assert evaluate.main([str(out)]) == 0
-
-
-## --------------------------------------------------------------------------------------------------------
-## Downloads that go wrong are never cached.
-
-class HalfHandler(http.server.SimpleHTTPRequestHandler):
-    """Announces the whole file, sends half of it, and hangs up (a dropped connection)."""
-
-    def do_GET(self):
-        data = (self.server.root / self.path.lstrip("/")).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[: len(data) // 2])
-
-
-def test_broken_downloads_are_not_cached(files, tmp_path, monkeypatch, capsys):
-    root = tmp_path / "hub"
-    good = root / "timm/vit_small_patch16_224.dino/resolve/main/model.safetensors"
-    good.parent.mkdir(parents=True)
-    good.write_bytes(open(files["vit"], "rb").read())
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfHandler)
-    server.root = root
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setenv("KDAD_CACHE", str(tmp_path / "cache"))
-    argv = ["--backbone", "vit", "--cls", "1", "--teacher", "dino-vits16", "--data-dir", files["data"],
-            "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "r")]
-    assert train.main(argv) == 2
-    assert "connection closed after" in capsys.readouterr().err
-    assert not any((tmp_path / "cache").iterdir())
-    server.shutdown()
-
-
-def test_error_page_and_damaged_cache(files, tmp_path, hub, capsys):
-    page = hub / "timm/vit_small_patch16_224.dino/resolve/main/model.safetensors"
-    page.parent.mkdir(parents=True)
-    page.write_text("<!DOCTYPE html><html><body>rate limited</body></html>\n" * 10)  # served with status 200
-    argv = ["--backbone", "vit", "--cls", "1", "--teacher", "dino-vits16", "--data-dir", files["data"],
-            "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "r")]
-    assert train.main(argv) == 2
-    assert "HTML" in capsys.readouterr().err and not any((tmp_path / "cache").iterdir())
-    page.write_bytes(open(files["vit"], "rb").read())
-    assert train.main(argv) == 0
-    cached = next((tmp_path / "cache").iterdir())
-    cached.write_bytes(cached.read_bytes()[:5000])  # damaged later (a disk problem, a killed copy)
-    assert train.main(argv[:-1] + [str(tmp_path / "r2")]) == 0
-    assert "damaged" in capsys.readouterr().out and cached.stat().st_size == page.stat().st_size
 
 
 def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data import Preprocess, batches, center, open_source, random_augment
+from data import Preprocess, batches, open_source
 from distill import KDAD, make_student, taps_for
 from cli import OneLineParser, autocast, pick_device, pick_precision
 from train import RECIPES, feature_cache, train_step
@@ -97,12 +97,12 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
     if fast and args.compile:
         kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
     prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last)
-    recipe = RECIPES[backbone]
+    recipe = RECIPES["cifar10"][backbone]
     opt = recipe["optimizer"](student.parameters(), lr=recipe["lr"])
     n, bs = len(images), args.batch_size
     order = torch.arange(n)
-    aug = random_augment(n, args.image_size, torch.Generator().manual_seed(0)) if recipe["augment"] \
-        else center(n, args.image_size)
+    aug = prep.random_augment(n, torch.Generator().manual_seed(0)) if recipe["augment"] \
+        else prep.center(n)
     row = {"precision": precision}
 
     cache = None
@@ -124,7 +124,7 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
         def score(idx, x):
             with amp():
                 kdad.score(x)
-        row["score"] = timed(score, batches(images, order, center(n, args.image_size), bs, prep, plain=not fast,
+        row["score"] = timed(score, batches(images, order, prep.center(n), bs, prep, plain=not fast,
                                             workers=args.workers), args.steps, device)
     row["score_peak_mib"] = mem["peak_mib"]
     return row
@@ -181,7 +181,7 @@ def full_class(args, device):
             results[backbone] = time.perf_counter() - t0
     print("\n| recipe | one class, wall s | ten classes, projected min |\n|---|---|---|")
     for backbone, s in results.items():
-        r = RECIPES[backbone]
+        r = RECIPES["cifar10"][backbone]
         print(f"| {backbone} ({r['epochs']} epochs, batch {r['batch_size']}) | {s:.0f} | {10 * s / 60:.1f} |")
 
 
@@ -206,7 +206,7 @@ def table_projection(args, device):
     print(f"\n| recipe | train img/s | score img/s | one class, min | ten classes: {header} |")
     print("|---|---|---|---|" + "---|" * len(args.processes))
     for backbone, row in rows.items():
-        recipe, split = RECIPES[backbone], CIFAR10_SPLIT
+        recipe, split = RECIPES["cifar10"][backbone], CIFAR10_SPLIT
         seconds = (recipe["epochs"] * split["train"] / row["train"]
                    + (split["val"] + split["test"] + recipe["epochs"] * split["val"] / 10) / row["score"])
         if "cache_s" in row:  # built once per class

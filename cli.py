@@ -42,7 +42,9 @@ def train_parser() -> OneLineParser:
                         "named by numbers, a number is a name); name:X or index:N where a number could mean two "
                         "classes (refused until then); or all (every class with train and test images)")
     g.add_argument("--teacher", help=f"preset ({', '.join(PRESETS)}), http(s) address or .safetensors path "
-                                     f"(default: {DEFAULT_TEACHER['vit']} for vit, {DEFAULT_TEACHER['vgg']} for vgg)")
+                                     f"(default: the recipe's: " + "; ".join(
+                                         f"{d} {', '.join(f'{b} {t}' for b, t in ts.items())}"
+                                         for d, ts in DEFAULT_TEACHER.items()) + ")")
     g.add_argument("--cache-dir", help="where teachers are downloaded and converted (default: the Hugging Face cache "
                                        "for hub files, HF_HOME; ~/.cache/kdad-vit, KDAD_CACHE, for the rest)")
     g.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"),
@@ -50,15 +52,21 @@ def train_parser() -> OneLineParser:
     g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),
                    help="input std the teacher expects (default: its checkpoint family's)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="image folder with train/<class>/ and test/<class>/ (default: CIFAR-10)")
+    g.add_argument("--dataset", choices=["cifar10", "mvtec"], default="cifar10",
+                   help="cifar10 (default): one-class classification on CIFAR-10, or on --data-dir laid out as "
+                        "train/<class>/ and test/<class>/; mvtec: --data-dir is an MVTec AD folder, --cls a category "
+                        "(or all), localisation scored against the defect masks; each with its recipe")
+    g.add_argument("--data-dir", help="image folder with train/<class>/ and test/<class>/ (default: CIFAR-10), or "
+                                      "the MVTec AD folder")
     g.add_argument("--data-root", default="./data", help="where torchvision's CIFAR-10 is downloaded (default: ./data)")
-    g.add_argument("--image-size", type=int, default=224, help="crop size; the resize keeps 256/224 (default: 224)")
+    g.add_argument("--image-size", type=int, help="network input size (CIFAR-10: crop of a 256/224 larger resize, "
+                                                  "default 224; MVTec AD: the whole image resized, vgg 128, vit 224)")
     g.add_argument("--limit", type=int, help="at most N images per split, for quick runs (default: all)")
-    g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit)")
-    g.add_argument("--epochs", type=int, help="vgg 200, vit 10")
-    g.add_argument("--batch-size", type=int, help="vgg 64, vit 128")
-    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5)")
-    g.add_argument("--lam", type=float, default=0.01, help="weight of the MSE (value) term (default: 0.01)")
+    g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit; MVTec AD's differ)")
+    g.add_argument("--epochs", type=int, help="vgg 200, vit 10 (MVTec AD: vgg 600, vit 50)")
+    g.add_argument("--batch-size", type=int, help="vgg 64, vit 128 (MVTec AD: vgg 64, vit 16)")
+    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after half the epochs)")
+    g.add_argument("--lam", type=float, help="weight of the MSE (value) term (0.01; MVTec AD 0.5)")
     g.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="seeds the split, the student and the batches (default: 0); several seeds run one job each")
     g.add_argument("--select", choices=["final", "val-auroc"], default="final",
@@ -91,7 +99,7 @@ def train_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.lam < 0:
+    if args.lam is not None and args.lam < 0:
         p.error(f"--lam must be >= 0, got {args.lam}")
     if args.knn_k < 0:
         p.error(f"--knn-k must be >= 0 (0 skips the kNN baseline), got {args.knn_k}")

@@ -21,8 +21,10 @@ recipe's preprocessing (resize 32 -> 256, crop 224, flip, normalise with the tea
 batches there (`Preprocess`). `PerImageDataset` is the plain path the reference code takes (PIL per image in
 DataLoader workers); the two compute the same images, which tests/test_data.py checks.
 
-Sources: `ImageFolder` reads an image folder (--data-dir); `TorchvisionCIFAR10` downloads CIFAR-10 into --data-root.
+Sources: `ImageFolder` reads an image folder (--data-dir); `TorchvisionCIFAR10` downloads CIFAR-10 into --data-root;
+`MVTecAD` reads an MVTec AD root (--dataset mvtec), one ImageFolder per category plus its defect masks.
 """
+import glob
 import io
 import os
 import re
@@ -51,9 +53,13 @@ class UnreadableImage(Exception):
     """One image file that cannot be shown faithfully; str(e) is the reason, in one line."""
 
 
-def resize_size(image_size: int) -> int:
-    """The recipe resizes to 256 and crops 224; other crops keep that ratio (32 -> 37)."""
-    return round(image_size * 256 / 224)
+CROP_PCT = 224 / 256  # the CIFAR-10 recipes resize to 256 and crop 224 (timm's name for the ratio: crop_pct)
+
+
+def resize_size(image_size: int, crop_pct: float = CROP_PCT) -> int:
+    """The side images are resized to before the crop: 256 for a 224 crop; other crops keep the ratio (32 -> 37).
+    crop_pct = 1 (the MVTec recipes) resizes straight to the crop size: the whole image is kept."""
+    return round(image_size / crop_pct)
 
 
 def note(message: str):
@@ -503,8 +509,108 @@ class TorchvisionCIFAR10:
         return [], []
 
 
-def open_source(data_dir=None, data_root="./data", image_size=224):
-    return ImageFolder(data_dir, resize_size(image_size)) if data_dir else TorchvisionCIFAR10(data_root)
+def open_source(data_dir=None, data_root="./data", image_size=224, crop_pct=CROP_PCT, dataset="cifar10"):
+    """An image folder (--data-dir) whose images are stored at the recipe's resize side, an MVTec AD root
+    (dataset "mvtec"), or torchvision's CIFAR-10 (downloaded into data_root)."""
+    side = resize_size(image_size, crop_pct)
+    if dataset == "mvtec":
+        if not data_dir:
+            raise DataError("--dataset mvtec needs --data-dir: the MVTec AD folder (one folder per category)")
+        return MVTecAD(data_dir, side)
+    return ImageFolder(data_dir, side) if data_dir else TorchvisionCIFAR10(data_root)
+
+
+## --------------------------------------------------------------------------------------------------------
+## MVTec AD (Bergmann et al., CVPR 2019 / IJCV 2021): one image folder per category, whose normal class is `good`,
+## plus a pixel mask for every defective test image:
+##     <root>/<category>/train/good/*.png           normal training images
+##     <root>/<category>/test/good/*.png            normal test images (no masks)
+##     <root>/<category>/test/<defect>/*.png        anomalous test images, one folder per kind of defect
+##     <root>/<category>/ground_truth/<defect>/<name>_mask.png   the defect's pixels (non-zero) of test/<defect>/<name>
+## Masks are paired with their images by name, never by order.
+
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+MVTEC_NORMAL = "good"
+
+
+class MVTecAD:
+    """An MVTec AD root: its categories (folders holding train/good) are the classes --cls chooses among; each is
+    read by ImageFolder with `good` as the normal class (one_class_data does this). Anything else in the root is
+    left out and named once."""
+
+    def __init__(self, root, load_size: int):
+        self.root, self.load_size = Path(root), load_size
+        if not self.root.is_dir():
+            raise DataError(f"MVTec AD folder not found: {self.root} (pass --data-dir DIR with one folder per "
+                            f"category, e.g. DIR/bottle/train/good)")
+        entries = listing(self.root)
+        self.classes = [e.name for e in entries if not is_hidden(e.name) and (Path(e.path) / "train" /
+                                                                               MVTEC_NORMAL).is_dir()]
+        if not self.classes:
+            hint = (f"{self.root} holds train/ itself: pass its parent folder" if (self.root / "train").is_dir()
+                    else f"expected {self.root}/<category>/train/{MVTEC_NORMAL}/")
+            raise DataError(f"{self.root} holds no MVTec AD category: {hint}")
+        self.skipped = [(e.path, "not a category (no train/good/ in it)") for e in entries
+                        if e.name not in self.classes]
+        if self.skipped:
+            note(f"{self.root}: left out {len(self.skipped)} entries that are not categories: "
+                 + named(Path(p).name for p, _ in self.skipped))
+        self.test_only, self.folders = [], self.classes
+        self.normal_classes = list(range(len(self.classes)))
+        self.files, self.left_out = None, list(self.skipped)
+
+    def class_has_images(self, split: str, label: int) -> bool:
+        return (self.root / self.classes[label] / split / MVTEC_NORMAL).is_dir()
+
+    def category(self, name: str) -> ImageFolder:
+        folder = ImageFolder(self.root / name, self.load_size)
+        if MVTEC_NORMAL not in folder.classes:
+            raise DataError(f"{folder.root}/train has no readable {MVTEC_NORMAL}/ images")
+        return folder
+
+
+def mvtec_masks(category_root: Path, test_files: list, side: int) -> torch.Tensor:
+    """(N, side, side) bool defect masks of the test images, paired by name: test/<defect>/<name>.<ext> has
+    ground_truth/<defect>/<name>_mask.png; test/good images have none (all False). Each mask goes through the
+    geometry its image goes through (square() to the stored side, then the preprocessing's resize to `side`), with
+    area averaging: a pixel is defective where at least half of it is. Raises DataError for a defective image
+    without its mask, or a mask of another size than its image."""
+    category_root = Path(category_root)
+    out = np.zeros((len(test_files), side, side), dtype=bool)
+    for i, f in enumerate(map(Path, test_files)):
+        defect = f.relative_to(category_root / "test").parts[0]
+        if defect == MVTEC_NORMAL:
+            continue
+        mask_path = category_root / "ground_truth" / defect / f"{f.stem}_mask.png"
+        if not mask_path.is_file():
+            raise DataError(f"test image {f.relative_to(category_root)} has no mask: expected "
+                            f"{mask_path.relative_to(category_root)}")
+        with Image.open(mask_path) as m, Image.open(f) as im:
+            if m.size != im.size:
+                raise DataError(f"mask {mask_path.relative_to(category_root)} is {m.size[0]}x{m.size[1]}, its image "
+                                f"{im.size[0]}x{im.size[1]}: they must match pixel for pixel")
+            mask = (np.asarray(ImageOps.exif_transpose(m).convert("L")) > 0).astype(np.float32)
+        out[i] = square_mask(mask, side)
+    orphans = [p for p in sorted((category_root / "ground_truth").glob("*/*"))
+               if not p.stem.endswith("_mask") or not any((category_root / "test" / p.parent.name).glob(
+                   glob.escape(p.stem.removesuffix("_mask")) + ".*"))]
+    if orphans:
+        note(f"{category_root}/ground_truth: {len(orphans)} files pair with no test image (expected "
+             f"<defect>/<name>_mask.png beside test/<defect>/<name>) and are left out: "
+             + named(str(p.relative_to(category_root / "ground_truth")) for p in orphans))
+    return torch.from_numpy(out)
+
+
+def square_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """A 0/1 mask (H, W) float -> (side, side) bool with square()'s geometry (shorter side to `side`, center crop)
+    and area averaging (PIL's BOX filter), kept where at least half a pixel is defective."""
+    h, w = mask.shape
+    s = side / min(h, w)
+    size = (max(side, round(w * s)), max(side, round(h * s)))
+    im = Image.fromarray(mask, mode="F").resize(size, Image.BOX)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    return np.asarray(im.crop((left, top, left + side, top + side))) >= 0.5
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -642,6 +748,8 @@ class OneClassData:
     test_anomalous: dict = field(default_factory=dict)
     left_out: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    test_masks: torch.Tensor | None = None  # MVTec AD: (n_test, R, R) bool defect pixels at the stored side R
+    mvtec: bool = False  # class_name is then an MVTec AD category, whose normal images are its good/ folder
 
     def to(self, device):
         for name in ("train", "val", "val_labels", "test", "test_labels"):
@@ -659,6 +767,8 @@ class OneClassData:
         which = f"class {self.normal_class} ({self.class_name})"
         if self.test_files is not None:
             which = f"class {self.normal_class} (folder {self.class_name!r})"
+        if self.mvtec:
+            which = f"MVTec AD category {self.class_name} (normal: {MVTEC_NORMAL}/)"
         val = counts(self.val_labels) + ("" if self.val_has_anomalies else
                                          " (train/ has no other class: no validation AUROC)")
         kinds = named((f"{k} {n}" for k, n in self.test_anomalous.items()), shown=12)
@@ -674,7 +784,16 @@ class OneClassData:
 
 def one_class_data(source, cls, seed=0, limit=None, val_fraction=0.1) -> OneClassData:
     """The protocol's three splits for normal class `cls` (see class_index). Validation may hold no anomalous
-    image (train/ with the normal class only); the test split must hold both kinds. Raises DataError."""
+    image (train/ with the normal class only); the test split must hold both kinds. For MVTec AD, `cls` is a
+    category: its good/ images are normal, every defect folder anomalous, and test_masks holds the defects' pixels.
+    Raises DataError."""
+    if isinstance(source, MVTecAD):
+        label = class_index(source, cls)
+        folder = source.category(source.classes[label])
+        data = one_class_data(folder, MVTEC_NORMAL, seed, limit, val_fraction)
+        data.test_masks = mvtec_masks(folder.root, data.test_files, folder.load_size)
+        data.normal_class, data.class_name, data.mvtec = label, source.classes[label], True
+        return data
     label = class_index(source, cls)
     name = source.classes[label]
     train_labels, test_labels = source.labels["train"], source.labels["test"]
@@ -733,27 +852,34 @@ class Augment:
         return Augment(self.top[sl], self.left[sl], self.flip[sl])
 
 
-def center(n: int, image_size: int) -> Augment:
-    off = int(round((resize_size(image_size) - image_size) / 2.0))  # torchvision's CenterCrop rounding
+def center(n: int, image_size: int, crop_pct: float = CROP_PCT) -> Augment:
+    off = int(round((resize_size(image_size, crop_pct) - image_size) / 2.0))  # torchvision's CenterCrop rounding
     return Augment(torch.full((n,), off), torch.full((n,), off), torch.zeros(n, dtype=torch.bool))
 
 
-def random_augment(n: int, image_size: int, generator: torch.Generator) -> Augment:
+def random_augment(n: int, image_size: int, generator: torch.Generator, crop_pct: float = CROP_PCT) -> Augment:
     """RandomCrop(image_size) from the resized image + RandomHorizontalFlip(0.5)."""
-    span = resize_size(image_size) - image_size + 1
+    span = resize_size(image_size, crop_pct) - image_size + 1
     top = torch.randint(span, (n,), generator=generator)
     left = torch.randint(span, (n,), generator=generator)
     return Augment(top, left, torch.rand(n, generator=generator) < 0.5)
 
 
 class Preprocess:
-    """Resize (bilinear, antialiased) -> crop -> flip -> normalise, for a whole uint8 batch at once."""
+    """Resize (bilinear, antialiased) -> crop -> flip -> normalise, for a whole uint8 batch at once. The geometry
+    (crop size, resize side) is the recipe's; center() and random_augment() draw crops that fit it."""
 
-    def __init__(self, image_size: int, mean, std, device, channels_last=False):
-        self.size, self.resize = image_size, resize_size(image_size)
+    def __init__(self, image_size: int, mean, std, device, channels_last=False, crop_pct: float = CROP_PCT):
+        self.size, self.crop_pct, self.resize = image_size, crop_pct, resize_size(image_size, crop_pct)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.channels_last = channels_last
+
+    def center(self, n: int) -> Augment:
+        return center(n, self.size, self.crop_pct)
+
+    def random_augment(self, n: int, generator: torch.Generator) -> Augment:
+        return random_augment(n, self.size, generator, self.crop_pct)
 
     def __call__(self, x: torch.Tensor, aug: Augment) -> torch.Tensor:
         x = x.float() / 255

@@ -80,43 +80,41 @@ def distillation_loss(student_feats: list, teacher_feats: list, lam: float = LAM
 
 
 ## --------------------------------------------------------------------------------------------------------
-## Anomaly maps: where in the image the score comes from.
+## Anomaly maps: where in the image the student fails to imitate the teacher.
 ##
-## For one tapped pair with L locations (H*W positions of a conv map, or the tokens of a ViT), both terms of the
-## score split exactly into per-location shares:
-##     1 - cos(s, t)      = sum_l [ 1/L - <s_l, t_l> / (|s| |t|) ]
-##     mean((s - t)^2)    = sum_l [ |s_l - t_l|^2 / (L * C) ]
-## so L * share_l is a "score density" whose mean over locations is the pair's score. The map of an image is the
-## sum over score taps of these densities, each upsampled to the image: its mean is the image's anomaly score
-## (exactly, for the integer upsampling factors of the recipes).
+## The score compares whole flattened feature maps. The map applies the same formula at each location l (a position
+## of a conv map, or a patch token of a ViT), to the feature vectors s_l and t_l found there:
+##     m_l = (1 - cos(s_l, t_l)) + lambda * mean_C((s_l - t_l)^2)
+## as student-teacher localisation does (STPM, Wang et al. 2021, arXiv 2103.04257, compares the normalised vectors
+## position by position). Each score tap's map is upsampled (bilinear) to the image and the taps' maps are summed.
+## Where the student imitates the teacher, m_l is near 0 whatever the size of the features there. (An earlier
+## version split the image's score exactly into per-location shares; a share weighs a location by its feature
+## magnitude, and on generated MVTec-style defects it marked the defects *less* anomalous than their surroundings.)
 
-def location_shares(s: torch.Tensor, t: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
-    """(B, L) shares of one pair's score; s, t are (B, C, H, W) (L = H*W) or (B, N, D) (L = N tokens).
-    A share can be negative: where student and teacher agree strongly, that place pulls the score down."""
+def location_scores(s: torch.Tensor, t: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """(B, L) float32: the score's formula at each location; s, t are (B, C, H, W) (L = H*W, vectors of C
+    channels) or (B, N, D) (L = N tokens, vectors of width D). Each value is >= 0 (0 where s_l = t_l)."""
     s, t = s.float(), t.float()
     if s.dim() == 4:
         s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, L, C)
-    B, L, C = s.shape
-    norms = s.flatten(1).norm(dim=1) * t.flatten(1).norm(dim=1)           # (B,) = |s| |t|
-    direction = 1 / L - (s * t).sum(-1) / norms.clamp_min(1e-8)[:, None]  # (B, L)
-    value = (s - t).pow(2).sum(-1) / (L * C)                             # (B, L)
+    direction = 1 - F.cosine_similarity(s, t, dim=-1)                    # (B, L)
+    value = (s - t).pow(2).mean(-1)                                      # (B, L)
     return direction + lam * value
 
 
 def anomaly_map(student_feats: list, teacher_feats: list, size: int, lam: float = LAMBDA, prefix: int = 0):
-    """(B, size, size) map whose mean over pixels is the anomaly score. For a ViT, the first `prefix` tokens
-    (CLS, registers) are not places in the image: their share is spread evenly over the patches."""
+    """(B, size, size) float32 map: the sum over the tapped pairs of location_scores, each upsampled to the image.
+    For a ViT, the first `prefix` tokens (CLS, registers) are no place in the image and are left out."""
     total = 0.0
     for s, t in zip(student_feats, teacher_feats, strict=True):
-        shares = location_shares(s, t, lam)                        # (B, L)
+        scores = location_scores(s, t, lam)                         # (B, L)
         if s.dim() == 4:
             h, w = s.shape[-2:]
         else:
-            glob, shares = shares[:, :prefix].sum(1, keepdim=True), shares[:, prefix:]
-            shares = shares + glob / shares.shape[1]                # global tokens: spread evenly
-            h = w = int(round(shares.shape[1] ** 0.5))
-        density = shares.view(-1, 1, h, w) * (h * w)                # mean over locations = this pair's score
-        total = total + F.interpolate(density, size=(size, size), mode="bilinear", align_corners=False)
+            scores = scores[:, prefix:]                             # the patch tokens, row-major
+            h = w = int(round(scores.shape[1] ** 0.5))
+        grid = scores.view(-1, 1, h, w)                             # (B, 1, h, w)
+        total = total + F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
     return total[:, 0]
 
 
@@ -143,22 +141,34 @@ class KDAD:
         return distillation_loss(tapped(self.student(x), self.taps.train_student), teacher_feats, self.lam)
 
     def anomaly_map(self, x) -> torch.Tensor:
-        """(B, S, S) mismatch map over the score taps for a preprocessed batch x of size S; mean = score."""
+        """(B, S, S) mismatch map over the score taps for a preprocessed batch x of size S (anomaly_map)."""
         prefix = 1 + self.teacher.cfg.registers if hasattr(self.teacher.cfg, "registers") else 0
         s = tapped(self.student(x), self.taps.score_student)
         return anomaly_map(s, self.teacher_features(x, self.taps.score_teacher), x.shape[-1], self.lam, prefix)
 
     def gradient_map(self, x, sigma: float = 4.0) -> torch.Tensor:
-        """The paper's localisation: |d score / d pixel| (largest over colour channels), Gaussian-smoothed.
-        Gradients flow through both networks, as in the paper's code."""
+        """(B, S, S) the paper's localisation, as its code computes it (test_functions.py, vanilla gradients):
+        |d score / d pixel| summed over the colour channels, scaled per image to [0, 1] by its minimum and 99th
+        percentile (clipped), then Gaussian-smoothed (sigma 4 px). Gradients flow through both networks."""
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             s = tapped(self.student(x), self.taps.score_student)
             t = tapped(self.teacher(x), self.taps.score_teacher)
             (grad,) = torch.autograd.grad(anomaly_score(s, t, self.lam).sum(), x)
-        g = grad.abs().amax(dim=1, keepdim=True)                     # (B, 1, S, S)
+        g = grad.float().abs().sum(dim=1)                             # (B, S, S)
+        flat = g.flatten(1)
+        lo, hi = flat.min(dim=1).values, torch.quantile(flat, 0.99, dim=1)
+        g = ((g - lo[:, None, None]) / (hi - lo).clamp_min(1e-12)[:, None, None]).clamp(0, 1)
         k = 2 * int(3 * sigma) + 1
-        return gaussian_blur(g, kernel_size=[k, k], sigma=[sigma, sigma])[:, 0]
+        return gaussian_blur(g[:, None], kernel_size=[k, k], sigma=[sigma, sigma])[:, 0]
+
+    def map(self, x, kind: str = "mismatch") -> torch.Tensor:
+        """(B, S, S) float32 anomaly map of a preprocessed batch: 'mismatch' (anomaly_map: the score's formula at
+        each location) or 'gradient' (the paper's gradient_map)."""
+        if kind == "gradient":
+            return self.gradient_map(x).float()
+        with torch.inference_mode():
+            return self.anomaly_map(x).float()
 
     def score_and_embedding(self, x, train_taps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image anomaly score (B,) and the teacher's global image feature (B, D) from the same teacher pass;

@@ -30,18 +30,35 @@ from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
-from data import CIFAR10_CLASSES, DataError, Preprocess, batches, center, one_class_data, open_source
+from data import (CIFAR10_CLASSES, CROP_PCT, MVTEC_CATEGORIES, DataError, Preprocess, batches, one_class_data,
+                  open_source)
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from plots import PlotError, draw_run, table_png
 from record import TORCHVISION_CIFAR10, read_json, run_folders
 
-# Published per-class test AUROC (%) on one-class CIFAR-10, classes in torchvision's order (shared/docs/method.md)
+# Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
+# One-class CIFAR-10: the paper's Table (VGG16) and the ViT reproduction's README (method.md gives both).
+# MVTec AD: the paper's detection and localisation AUROC per category, as the PaddlePaddle reproduction's README
+# quotes them (txyugood/Knowledge_Distillation_AD_Paddle, "Origin" row): the paper's own table was not at hand to
+# check them against. Its localisation is gradient maps at 128 px, scored on the defective test images only.
 PUBLISHED = {
-    "vgg": ("Salehi et al. 2021, KDAD paper (VGG16)",
-            [90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91]),
-    "vit": ("ViT reproduction of KDAD (teacher vit-b16-cifar10, saw CIFAR-10 labels; epoch picked on the test set)",
-            [96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68]),
+    ("cifar10", "vgg"): ("Salehi et al. 2021, KDAD paper (VGG16)", dict(zip(CIFAR10_CLASSES, [
+        90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91])), {}),
+    ("cifar10", "vit"): ("ViT reproduction of KDAD (teacher vit-b16-cifar10, saw CIFAR-10 labels; epoch picked on the "
+                         "test set)", dict(zip(CIFAR10_CLASSES, [
+                             96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68])), {}),
+    ("mvtec", "vgg"): ("Salehi et al. 2021, KDAD paper (VGG16), as quoted by the PaddlePaddle reproduction's README; "
+                       "pixel AUROC there is on defective images only", dict(zip(MVTEC_CATEGORIES, [
+                           99.39, 89.19, 80.46, 79.25, 78.01, 98.37, 95.05, 73.58, 82.70, 83.31, 91.57, 92.17, 85.55,
+                           94.29, 93.24])), dict(zip(MVTEC_CATEGORIES, [
+                               96.32, 82.40, 95.86, 95.64, 91.78, 94.62, 98.05, 86.38, 89.63, 95.96, 82.77, 96.12,
+                               76.45, 84.80, 93.90]))),
 }
+MEANS = ("test_auroc", "val_auroc", "knn_test_auroc", "pixel_auroc", "pro", "pixel_auroc_mismatch", "pro_mismatch")
+COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alone (%)"), ("val_auroc", "val AUROC (%)"),
+           ("pixel_auroc", "pixel AUROC (%)"), ("pro", "PRO (%)"), ("pixel_auroc_mismatch", "pixel AUROC, mismatch (%)"),
+           ("pro_mismatch", "PRO, mismatch (%)"), ("runs", "runs"), ("published", "published (%)"),
+           ("published_pixel", "published pixel AUROC (%)")]
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -57,7 +74,7 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
     order = torch.arange(len(images))
     scores, embeddings = [], []
     n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, order, center(len(images), prep.size), batch_size, prep, plain), n,
+    with progress(batches(images, order, prep.center(len(images)), batch_size, prep, plain), n,
                   "scoring") as bar:
         for _, x in bar:
             with amp():
@@ -73,7 +90,7 @@ def teacher_embeddings(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256
     """(N, D) float32 CPU teacher image features of uint8 images, center-cropped: a teacher-only pass."""
     out = []
     n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, torch.arange(len(images)), center(len(images), prep.size), batch_size, prep,
+    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep,
                           plain), n, "teacher features") as bar:
         for _, x in bar:
             with amp():
@@ -103,6 +120,88 @@ def auroc(scores, labels) -> float | None:
     if len(np.unique(labels)) < 2:
         return None
     return float(roc_auc_score(labels, np.asarray(scores)))
+
+
+## --------------------------------------------------------------------------------------------------------
+## Localisation (MVTec AD): anomaly maps against the defect masks. Maps and masks are compared at the network's input
+## resolution (the crop, S x S pixels): the masks are brought there by the images' own geometry (data.mvtec_masks).
+
+PRO_FPR_LIMIT = 0.3  # the MVTec AD authors' integration limit
+
+
+def anomaly_maps(kdad: KDAD, images, prep: Preprocess, amp, kind: str, batch_size=32) -> torch.Tensor:
+    """(N, S, S) float32 CPU anomaly maps of uint8 images (N, 3, h, w), center-cropped, of kind 'mismatch' or
+    'gradient' (KDAD.map); the gradient needs a backward pass per batch, hence the small default batch."""
+    kdad.student.eval()
+    out = []
+    n = (len(images) + batch_size - 1) // batch_size
+    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep), n,
+                  f"{kind} maps") as bar:
+        for _, x in bar:
+            with amp():
+                out.append(kdad.map(x, kind).cpu())
+    return torch.cat(out)
+
+
+def pixel_auroc(maps, masks) -> float | None:
+    """ROC AUC in [0, 1] of every pixel's map value against its mask (scikit-learn's roc_auc_score), pooled over all
+    test images (the good ones' pixels are all normal), as the MVTec AD authors' evaluation pools them. maps (N, S, S)
+    float, masks (N, S, S) bool, same resolution. None when no pixel is defective."""
+    return auroc(np.asarray(maps, dtype=np.float64).ravel(), np.asarray(masks).ravel().astype(np.int64))
+
+
+def pro_score(maps, masks, fpr_limit: float = PRO_FPR_LIMIT) -> float | None:
+    """Normalised area under the per-region-overlap (PRO) curve up to a false-positive rate of `fpr_limit`, in
+    [0, 1], as the MVTec AD authors define and compute it (Bergmann et al., IJCV 2021; their evaluation code,
+    pro_curve_util.compute_pro and generic_util.trapezoid):
+    - a defect region is a connected component of a mask, 8-connected (scipy.ndimage.label with a 3x3 structure);
+    - at a threshold t, the overlap of a region is the share of its pixels scoring >= t; PRO(t) is the mean over all
+      regions of all images, each region counting the same whatever its size;
+    - FPR(t) is the share of all defect-free pixels (of every test image, good ones included) scoring >= t;
+    - every distinct score is a threshold; the curve runs from (0, 0) to (1, 1); the area up to fpr_limit is taken
+      with the trapezoid rule (scikit-learn's auc), the curve interpolated linearly at the limit, then divided by it.
+    maps (N, S, S) float, masks (N, S, S) bool at the same resolution. None without any defect region."""
+    from scipy.ndimage import label
+    maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks, dtype=bool)
+    regions, count = np.zeros(masks.shape, dtype=np.int64), 0
+    for i, mask in enumerate(masks):  # number the regions of all images 1, 2, ...; 0 = defect-free
+        numbered, n = label(mask, structure=np.ones((3, 3), dtype=int))
+        regions[i] = np.where(numbered > 0, numbered + count, 0)
+        count += n
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)  # sizes[0] = defect-free pixels
+    if count == 0 or sizes[0] == 0:
+        return None
+    order = np.argsort(-maps.ravel(), kind="stable")  # thresholds from the highest score down
+    scores, region = maps.ravel()[order], regions.ravel()[order]
+    fpr = np.cumsum(region == 0) / sizes[0]
+    pro = np.cumsum(np.where(region > 0, 1.0 / sizes[region], 0.0)) / count
+    last = np.append(np.diff(scores) != 0, True)  # a run of equal scores is one threshold: its end counts
+    fpr = np.concatenate([[0.0], np.clip(fpr[last], 0, 1), [1.0]])
+    pro = np.concatenate([[0.0], np.clip(pro[last], 0, 1), [1.0]])
+    return area_up_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under y(x) for x <= x_max (x non-decreasing), y interpolated linearly at x_max."""
+    from sklearn.metrics import auc
+    inside = np.searchsorted(x, x_max, side="right")  # x[:inside] <= x_max
+    xs, ys = x[:inside], y[:inside]
+    if xs[-1] < x_max and inside < len(x):
+        ys = np.append(ys, ys[-1] + (y[inside] - ys[-1]) * (x_max - xs[-1]) / (x[inside] - xs[-1]))
+        xs = np.append(xs, x_max)
+    return float(auc(xs, ys)) if len(xs) > 1 else 0.0
+
+
+def localisation(kdad: KDAD, data, prep: Preprocess, amp, batch_size=32) -> dict:
+    """Pixel AUROC and PRO of both anomaly maps on the test images against their masks (data.test_masks, cropped
+    like the images): the paper's gradient map (pixel_auroc, pro) and the mismatch map (*_mismatch)."""
+    off = int(prep.center(1).top[0])
+    masks = data.test_masks[:, off:off + prep.size, off:off + prep.size]
+    out = {}
+    for kind, suffix in (("gradient", ""), ("mismatch", "_mismatch")):
+        maps = anomaly_maps(kdad, data.test, prep, amp, kind, batch_size)
+        out |= {f"pixel_auroc{suffix}": pixel_auroc(maps, masks), f"pro{suffix}": pro_score(maps, masks)}
+    return out
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -136,12 +235,14 @@ def load_run(run_dir, device, precision=None):
     student = place(load_student(run / "student.safetensors", make_student(s["backbone"], teacher)), device,
                     s["backbone"])
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
-    source = open_source(s["data_dir"], s["data_root"], s["image_size"])
+    crop_pct, dataset = s.get("crop_pct", CROP_PCT), s.get("dataset", "cifar10")  # older runs: CIFAR-10's
+    source = open_source(s["data_dir"], s["data_root"], s["image_size"], crop_pct, dataset)
     data = one_class_data(source, s["cls"], s["seed"], s["limit"]).to(device)
     if data.class_name != s.get("class_name", data.class_name):
         raise RunError(f"the classes of {s['data_dir']} changed since training: class {s['cls']} is now folder "
                        f"{data.class_name!r}, was {s['class_name']!r}")
-    prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device, channels_last(s["backbone"]))
+    prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device, channels_last(s["backbone"]),
+                      crop_pct)
     return cfg, kdad, data, prep, autocast(device, precision or s["precision"])
 
 
@@ -158,6 +259,8 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
         bank = teacher_embeddings(kdad, data.train, prep, amp, batch_size, plain)
         out["knn_val_auroc"] = auroc(knn_scores(bank, val_embedding, k), data.val_labels.cpu())
         out["knn_test_auroc"] = auroc(knn_scores(bank, test_embedding, k), data.test_labels.cpu())
+    if data.test_masks is not None:
+        out |= localisation(kdad, data, prep, amp)
     saved = read_json(Path(run_dir) / "results.json") if (Path(run_dir) / "results.json").is_file() else {}
     for key, v in out.items():
         print(f"{key}: {fmt(v, 4, 1)}" + (f"  (results.json: {fmt(saved[key], 4, 1)})" if key in saved else ""))
@@ -178,15 +281,17 @@ def comparable(cfg: dict) -> tuple:
     """What runs must share to be seeds of one experiment: backbone, teacher (by content), data and recipe."""
     s = cfg["settings"]
     data = s.get("data") or (s["data_dir"] or TORCHVISION_CIFAR10)  # runs written before `data` existed
-    return (s["backbone"], cfg["teacher"]["sha256"], data, s["epochs"], s["batch_size"], s["lr"], s["lam"],
-            s["image_size"], s["limit"], s["select"], tuple(s.get("teacher_mean") or ()),
-            tuple(s.get("teacher_std") or ()))
+    return (s["backbone"], s.get("dataset", "cifar10"), cfg["teacher"]["sha256"], data, s["epochs"], s["batch_size"],
+            s["lr"], s["lam"], s["image_size"], s.get("crop_pct", CROP_PCT), s["limit"], s["select"],
+            tuple(s.get("teacher_mean") or ()), tuple(s.get("teacher_std") or ()))
 
 
 def describe_group(cfg: dict, short=False) -> str:
     """The group's title: backbone, teacher and data (short, for the chart), then the recipe."""
     s, t = cfg["settings"], cfg["teacher"]
     data = "CIFAR-10 (torchvision)" if not s["data_dir"] else Path(s["data_dir"]).name
+    if s.get("dataset") == "mvtec":
+        data = f"MVTec AD ({data})"
     teacher = t.get("short_name") or Path(t["name"]).name
     if short:
         return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {s['epochs']} epochs"
@@ -201,42 +306,59 @@ def on_cifar10(cfg: dict) -> bool:
     return data["cifar10"] if data else not cfg["settings"]["data_dir"]  # older runs: torchvision means CIFAR-10
 
 
+def published_for(cfg: dict) -> tuple[str | None, dict, dict]:
+    """(source, {class: image AUROC}, {class: pixel AUROC}) of the published figures comparable with this group:
+    CIFAR-10 runs (torchvision's, or a folder of exactly its classes) and MVTec AD runs, matched by class name."""
+    s = cfg["settings"]
+    dataset = s.get("dataset", "cifar10")
+    if dataset == "cifar10" and not on_cifar10(cfg):
+        return None, {}, {}
+    return PUBLISHED.get((dataset, s["backbone"]), (None, {}, {}))
+
+
 def group_rows(runs: list[tuple[dict, dict]]) -> tuple[list[dict], str | None]:
-    """Rows of one group's table from (config, results) pairs: one per class, then the mean over classes."""
+    """Rows of one group's table from (config, results) pairs: one per class (figures in %, the mean over its
+    runs, the test AUROC's std over them), then the mean over classes; and the published figures' source."""
     by_class = {}
     for cfg, r in runs:
         by_class.setdefault((r["cls"], r["class_name"]), []).append(r)
-    cfg = runs[0][0]
-    label, published = PUBLISHED.get(cfg["settings"]["backbone"], (None, None))
-    cifar = on_cifar10(cfg)
+    source, published, published_pixel = published_for(runs[0][0])
     rows = []
     for (cls, name), rs in sorted(by_class.items()):
+        row = {"class": cls, "name": name, "runs": len(rs), "published": published.get(name),
+               "published_pixel": published_pixel.get(name)}
+        for key in MEANS:  # a figure some runs lack (older runs, --knn-k 0, no anomalous validation) is n/a
+            values = [r[key] for r in rs if r.get(key) is not None]
+            row[key] = 100 * float(np.mean(values)) if values and len(values) == len(rs) else None
         aucs = np.array([r["test_auroc"] for r in rs]) * 100
-        vals = [r["val_auroc"] for r in rs if r.get("val_auroc") is not None]
-        knn = [r["knn_test_auroc"] for r in rs if r.get("knn_test_auroc") is not None]
-        rows.append({"class": cls, "name": name, "test_auroc": float(aucs.mean()),
-                     "std": float(aucs.std(ddof=1)) if len(aucs) > 1 else None, "runs": len(aucs),
-                     "val_auroc": 100 * float(np.mean(vals)) if vals else None,
-                     "knn_test_auroc": 100 * float(np.mean(knn)) if len(knn) == len(rs) else None,
-                     "published": published[CIFAR10_CLASSES.index(name)] if cifar and published else None})
-    def mean(key):
+        row["std"] = float(aucs.std(ddof=1)) if len(aucs) > 1 else None
+        rows.append(row)
+    mean = {"class": "mean", "name": "", "runs": sum(r["runs"] for r in rows), "std": None}
+    for key in MEANS + ("published", "published_pixel"):
         values = [r[key] for r in rows]
-        return float(np.mean(values)) if values and all(v is not None for v in values) else None
-    rows.append({"class": "mean", "name": "", "test_auroc": mean("test_auroc"), "std": None,
-                 "runs": sum(r["runs"] for r in rows), "val_auroc": mean("val_auroc"),
-                 "knn_test_auroc": mean("knn_test_auroc"),
-                 "published": mean("published") if len(rows) == 10 else None})
-    return rows, (label if cifar and published else None)
+        mean[key] = float(np.mean(values)) if values and all(v is not None for v in values) else None
+    for key in ("published", "published_pixel"):  # a published mean is over all the paper's classes, or none
+        if len(rows) != len(published):
+            mean[key] = None
+    return rows + [mean], source if any(r["published"] is not None for r in rows) else None
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| class | name | test AUROC (%) | teacher kNN alone (%) | val AUROC (%) | runs | published (%) |",
-             "|---|---|---|---|---|---|---|"]
+    """The rows as a Markdown table; columns no row has a value for are left out."""
+    shown = [(k, t) for k, t in COLUMNS if k in ("test_auroc", "runs") or any(r.get(k) is not None for r in rows)]
+    lines = ["| class | name | " + " | ".join(t for _, t in shown) + " |", "|---|---|" + "---|" * len(shown)]
     for r in rows:
-        auc = fmt(r["test_auroc"], scale=1) + (f" ± {r['std']:.2f}" if r["std"] is not None else "")
-        lines.append(f"| {r['class']} | {r['name']} | {auc} | {fmt(r['knn_test_auroc'], scale=1)} | "
-                     f"{fmt(r['val_auroc'], scale=1)} | {r['runs']} | "
-                     f"{fmt(r['published'], scale=1) if r['published'] is not None else ''} |")
+        cells = []
+        for key, _ in shown:
+            if key == "runs":
+                cells.append(str(r["runs"]))
+            elif key == "test_auroc" and r["std"] is not None:
+                cells.append(f"{fmt(r[key], scale=1)} ± {r['std']:.2f}")
+            elif key.startswith("published"):
+                cells.append(fmt(r[key], scale=1) if r[key] is not None else "")
+            else:
+                cells.append(fmt(r[key], scale=1))
+        lines.append(f"| {r['class']} | {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

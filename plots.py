@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from data import ANOMALOUS, NORMAL, center
+from data import ANOMALOUS, NORMAL
 
 DPI = 100
 FIGSIZE = {"roc": (5.5, 5.5), "scores": (6.5, 4.5), "training": (6.5, 4.5), "maps": (12, 7.6), "table": (11, 5.5)}
 MAP_CMAP = "inferno"     # perceptually uniform: black (low) .. red .. yellow-white (high), readable in grey too
 MASK_COLOR = "cyan"      # ground-truth outline: stands out on inferno's dark and bright ends and on photographs
 MAP_LABELS = {  # what one pixel of each kind of map means (colour-bar label)
-    "mismatch": "student-teacher mismatch at this pixel\n(its mean over the image is the anomaly score)",
-    "gradient": "|d score / d pixel|, smoothed\n(high = the score is most sensitive to this pixel)",
+    "mismatch": "student-teacher mismatch at this pixel\n(the score's formula applied here; 0 = perfect imitation)",
+    "gradient": "|d score / d pixel|, scaled per image, smoothed\n(high = the score is most sensitive to this pixel)",
 }
 
 
@@ -75,8 +75,9 @@ def teacher_label(teacher: dict) -> str:
 def run_title(cfg: dict) -> str:
     """'vit student, teacher dino-vitb16, normal class 3 (cat)': what a run's figures are of."""
     s = cfg["settings"]
-    return (f"{s['backbone']} student, teacher {teacher_label(cfg['teacher'])}, "
+    what = (f"MVTec AD category {s['class_name']}" if s.get("dataset") == "mvtec" else
             f"normal class {s['cls']} ({s['class_name']})")
+    return f"{s['backbone']} student, teacher {teacher_label(cfg['teacher'])}, {what}"
 
 
 def roc_png(path, scores, labels, auc, title):
@@ -144,12 +145,7 @@ def map_scale(maps: np.ndarray) -> tuple[float, float]:
 def compute_maps(kdad, x, amp, kind: str) -> np.ndarray:
     """(B, S, S) float numpy anomaly maps of a preprocessed batch: 'mismatch' or the paper's 'gradient'."""
     with amp():
-        if kind == "gradient":
-            maps = kdad.gradient_map(x).float()
-        else:
-            with torch.inference_mode():
-                maps = kdad.anomaly_map(x).float()
-    return maps.cpu().numpy()
+        return kdad.map(x, kind).cpu().numpy()
 
 
 def maps_png(path, kdad, images, prep, amp, scores, labels, kind="mismatch", k=4, title=""):
@@ -158,7 +154,7 @@ def maps_png(path, kdad, images, prep, amp, scores, labels, kind="mismatch", k=4
     plt = pyplot()
     rows = picks(scores, labels, k)
     chosen = np.concatenate([r[1] for r in rows])
-    x = prep(images[torch.as_tensor(chosen, device=images.device)], center(len(chosen), prep.size))
+    x = prep(images[torch.as_tensor(chosen, device=images.device)], prep.center(len(chosen)))
     maps = compute_maps(kdad, x, amp, kind)
     shown = (x.float() * prep.std + prep.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # undo normalising
     lo, hi = map_scale(maps)
@@ -191,7 +187,10 @@ def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, map
     scores, labels = test_scores.numpy(), data.test_labels.cpu().numpy()
     roc_png(run / "roc.png", scores, labels, test_auroc, f"test ROC: {title}")
     scores_png(run / "scores.png", scores, labels, f"test scores: {title}")
-    maps_png(run / "maps.png", kdad, data.test, prep, amp, scores, labels, maps, title=title)
+    if data.test_masks is not None:
+        mvtec_maps_png(run / "maps.png", kdad, data, prep, amp, scores, maps, title=title)
+    else:
+        maps_png(run / "maps.png", kdad, data.test, prep, amp, scores, labels, maps, title=title)
     log_path = run / "log.jsonl"
     if log_path.is_file():
         training_png(run / "training.png", [json.loads(line) for line in log_path.read_text().splitlines()],
@@ -200,6 +199,24 @@ def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, map
 
 ## --------------------------------------------------------------------------------------------------------
 ## Pixel-level ground truth: anomaly maps beside defect masks (MVTec AD style test sets).
+
+def mvtec_maps_png(path, kdad, data, prep, amp, scores, kind="mismatch", defective=4, good=2, title=""):
+    """maps.png of an MVTec AD run: the `defective` highest-scoring defective test images and the `good` highest-
+    scoring good ones (where a false alarm would show), each as image | map with the mask's outline | image with
+    the outline (maps_with_masks_png), at the network's input size."""
+    labels = data.test_labels.cpu().numpy()
+    chosen = [i for kind_ in (ANOMALOUS, NORMAL) for i in np.flatnonzero(labels == kind_)[
+        np.argsort(-scores[labels == kind_])][:defective if kind_ == ANOMALOUS else good]]
+    x = prep(data.test[torch.as_tensor(chosen, device=data.test.device)], prep.center(len(chosen)))
+    maps = compute_maps(kdad, x, amp, kind)
+    shown = (x.float() * prep.std + prep.mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # undo normalising
+    off = int(prep.center(1).top[0])
+    masks = data.test_masks[chosen][:, off:off + prep.size, off:off + prep.size].numpy()
+    names = ["/".join(Path(data.test_files[i]).parts[-2:]) for i in chosen]
+    titles = [f"{name}, score {scores[i]:.3f}" for name, i in zip(names, chosen, strict=True)]
+    maps_with_masks_png(path, shown, maps, masks, titles, f"{kind} maps against the defect masks\n{title}",
+                        map_label=MAP_LABELS[kind])
+
 
 MASK_PANEL_IN, MASK_WIDTH_IN, MASK_HEAD_IN = 2.6, 9.5, 1.7  # height per image row, width, title + colour bar
 

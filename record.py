@@ -29,8 +29,8 @@ from cli import RunError
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
 # only where they matter (`data` is the image folder, or "torchvision CIFAR-10" wherever it was downloaded); the
 # device, the cache folder and the scoring batch size do not change the result.
-RESULT_SETTINGS = ("backbone", "cls", "data", "teacher_sha256", "teacher_mean", "teacher_std", "batch_size", "lr",
-                   "lam", "image_size", "limit", "seed", "select", "precision", "plain")
+RESULT_SETTINGS = ("backbone", "dataset", "cls", "data", "teacher_sha256", "teacher_mean", "teacher_std",
+                   "batch_size", "lr", "lam", "image_size", "crop_pct", "limit", "seed", "select", "precision", "plain")
 TORCHVISION_CIFAR10 = "torchvision CIFAR-10"
 
 

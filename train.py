@@ -32,20 +32,37 @@ import torch
 from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
                         sha256)
 from cli import RunError, autocast, pick_device, pick_precision, progress
-from data import (CIFAR10_CLASSES, DataError, Preprocess, batches, center, class_index, one_class_data, open_source,
-                  random_augment)
+from data import CIFAR10_CLASSES, CROP_PCT, DataError, Preprocess, batches, class_index, one_class_data, open_source
 from distill import (KDAD, channels_last, image_embedding, load_teacher, make_student, place, student_config_for,
                      taps_for)
-from evaluate import auroc, knn_scores, load_student, score_images, teacher_embeddings, write_table
+from evaluate import (auroc, fmt, knn_scores, load_student, localisation, score_images, teacher_embeddings,
+                      write_table)
 from record import TORCHVISION_CIFAR10, Run, Snapshots, default_run_dir, fresh_epoch, teacher_name
 from vit import set_fused_attn
 
-## The two recipes (method.md). The VGG one is the paper's code; the ViT one the reproduction's.
+## The recipes, per data set and backbone. On CIFAR-10 (and any image folder laid out like it) the VGG one is the
+## paper's code and the ViT one the reproduction's (method.md). On MVTec AD the VGG one is the paper's code again,
+## with its MVTec settings (Knowledge_Distillation_AD, configs/config.yaml: `lamda: 0.01 # mvtec:0.5`,
+## `num_epochs: 201 # ... mvtec:601` (runs of 601 epochs are counted as 600 here, as CIFAR-10's 201 are 200),
+## `mvtec_img_size: 128`; dataloader.py: Resize to 128 and ToTensor, so no crop and no normalisation). No MVTec
+## recipe exists for the ViT (the reproduction ran CIFAR-10 only): ours keeps the ViT recipe's optimiser and the
+## paper's MVTec lambda, sees whole images without augmentation (a flipped part can be a defect), and takes batches
+## of 16 for 50 epochs so that a category of a few hundred images gets as many steps as a CIFAR-10 class does;
+## a starting point, not tuned on MVTec data.
+CIFAR, MVTEC = dict(lam=0.01, image_size=224, crop_pct=CROP_PCT), dict(lam=0.5, crop_pct=1.0)
 RECIPES = {
-    "vgg": dict(epochs=200, batch_size=64, lr=1e-3, optimizer=torch.optim.Adam, milestones=[], gamma=1.0,
-                augment=False),  # no augmentation: the teacher's features can be computed once and cached
-    "vit": dict(epochs=10, batch_size=128, lr=5e-5, optimizer=torch.optim.AdamW, milestones=[5], gamma=0.2,
-                augment=True),   # random crop + flip; AdamW with torch's default weight decay 0.01
+    "cifar10": {
+        "vgg": CIFAR | dict(epochs=200, batch_size=64, lr=1e-3, optimizer=torch.optim.Adam, milestones=[], gamma=1.0,
+                            augment=False),  # no augmentation: the teacher's features can be computed once and cached
+        "vit": CIFAR | dict(epochs=10, batch_size=128, lr=5e-5, optimizer=torch.optim.AdamW, milestones=[5],
+                            gamma=0.2, augment=True),  # random crop + flip; AdamW's default weight decay 0.01
+    },
+    "mvtec": {
+        "vgg": MVTEC | dict(epochs=600, batch_size=64, lr=1e-3, optimizer=torch.optim.Adam, milestones=[], gamma=1.0,
+                            augment=False, image_size=128, teacher_mean=(0.0,) * 3, teacher_std=(1.0,) * 3),
+        "vit": MVTEC | dict(epochs=50, batch_size=16, lr=5e-5, optimizer=torch.optim.AdamW, milestones=[25],
+                            gamma=0.2, augment=False, image_size=224),
+    },
 }
 USER_ERRORS = (CheckpointError, DataError, RunError)
 
@@ -74,7 +91,7 @@ def feature_cache(kdad: KDAD, images, prep, amp, batch_size, device, precision):
     Stored in the dtype the teacher computes in (bf16 under bf16 autocast), so training on them is exact."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     with amp():
-        probe = kdad.teacher_features(prep(images[:1], center(1, prep.size)), kdad.taps.train_teacher)
+        probe = kdad.teacher_features(prep(images[:1], prep.center(1)), kdad.taps.train_teacher)
     need = sum(f[0].numel() for f in probe) * dtype.itemsize * len(images)
     host = host_memory_available()
     if need < 0.5 * (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host):
@@ -89,7 +106,7 @@ def feature_cache(kdad: KDAD, images, prep, amp, batch_size, device, precision):
           + ("in pinned host memory (does not fit on the GPU)" if pin else f"on {where}"))
     order = torch.arange(len(images))
     n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, order, center(len(images), prep.size), batch_size, prep), n, "caching") as bar:
+    with progress(batches(images, order, prep.center(len(images)), batch_size, prep), n, "caching") as bar:
         for idx, x in bar:
             with amp():
                 for c, f in zip(cache, kdad.teacher_features(x, kdad.taps.train_teacher), strict=True):
@@ -124,7 +141,7 @@ def train_epoch(kdad, opt, data, prep, amp, args, epoch, done: dict, cache, stop
     g = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
     n = len(data.train)
     order = torch.randperm(n, generator=g)
-    aug = random_augment(n, args.image_size, g) if args.augment else center(n, args.image_size)
+    aug = prep.random_augment(n, g) if args.augment else prep.center(n)
     skip = done["step"] * args.batch_size  # a resumed epoch continues at the batch it stopped at
     steps = batches(data.train, order[skip:], aug[skip:], args.batch_size, prep, args.plain)
     total = (n + args.batch_size - 1) // args.batch_size
@@ -166,7 +183,8 @@ def build(args, teacher, device, precision):
     kdad = KDAD(teacher, student, taps_for(args.backbone, teacher), args.lam)
     if args.compile:  # compiled wrappers run; the plain modules are what gets saved (no '_orig_mod.' keys)
         kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
-    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last(args.backbone))
+    prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last(args.backbone),
+                      args.crop_pct)
     opt = args.optimizer(student.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, args.gamma)
     return student, kdad, prep, autocast(device, precision), opt, sched
@@ -252,6 +270,8 @@ def finish(args, kdad, student, data, prep, amp, run: Run, history, best, cache)
                "train_images_per_s": images / max(seconds, 1e-9), "score_images_per_s": score_speed}
     if args.knn_k:
         results |= knn_baseline(args, kdad, data, prep, amp, cache, val_embedding, test_embedding)
+    if data.test_masks is not None:  # MVTec AD: where the defects are, against the masks
+        results |= localisation(kdad, data, prep, amp)
     return results
 
 
@@ -325,8 +345,13 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     run.write_results(results)
     val = "n/a (no anomalous validation images)" if results["val_auroc"] is None else f"{results['val_auroc']:.4f}"
     knn = f"  (teacher kNN alone {results['knn_test_auroc']:.4f})" if args.knn_k else ""
+    where = ""
+    if "pixel_auroc" in results:
+        where = "".join(f"  {name} {fmt(results[key], 4, 1)}" for name, key in (
+            ("pixel AUROC", "pixel_auroc"), ("PRO", "pro"), ("(mismatch map:", "pixel_auroc_mismatch"),
+            ("PRO", "pro_mismatch"))) + ")"
     print(f"class {results['cls']} ({results['class_name']}): val AUROC {val}  test AUROC "
-          f"{results['test_auroc']:.4f}{knn}  ({results['seconds']:.0f} s)  -> {run}")
+          f"{results['test_auroc']:.4f}{knn}{where}  ({results['seconds']:.0f} s)  -> {run}")
     return results
 
 
@@ -343,7 +368,7 @@ def describe(teacher) -> str:
 
 def prepare_teacher(args, device):
     """Resolve, load and describe the teacher; returns (teacher, its identity for config.json)."""
-    name = args.teacher or DEFAULT_TEACHER[args.backbone]
+    name = args.teacher
     found = resolve_teacher(name, args.cache_dir)
     path, preset = found.path, found.preset
     teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
@@ -364,8 +389,9 @@ def prepare_teacher(args, device):
 
 
 def with_recipe(args):
-    """Fill the flags left out with the backbone's recipe (RECIPES)."""
-    for name, value in RECIPES[args.backbone].items():
+    """Fill the flags left out with the recipe of the data set and backbone (RECIPES, DEFAULT_TEACHER)."""
+    recipe = RECIPES[args.dataset][args.backbone] | {"teacher": DEFAULT_TEACHER[args.dataset][args.backbone]}
+    for name, value in recipe.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     return args
@@ -393,7 +419,7 @@ def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
         if args.out:
             return Path(args.out) / f"s{seed}" if len(args.seeds) > 1 else Path(args.out)
         return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, args.image_size,
-                               args.limit, args.epochs, RECIPES[args.backbone]["epochs"])
+                               args.limit, args.epochs, RECIPES[args.dataset][args.backbone]["epochs"])
     if args.cls == "all":
         label, classes = "all", [(i, f"{i}-{source.classes[i]}") for i in source.normal_classes]
         if len(classes) < len(source.classes):
@@ -439,7 +465,7 @@ def setup(args, local_rank: int, world: int):
                 if precision == "bf16":  # fp32 stays fp32; with bf16 autocast, let the rest of fp32 use TF32
                     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
                 teacher, info = prepare_teacher(args, device)
-                source = open_source(args.data_dir, args.data_root, args.image_size)
+                source = open_source(args.data_dir, args.data_root, args.image_size, args.crop_pct, args.dataset)
                 prepared = (device, precision, teacher, info, source)
             except USER_ERRORS + (OSError,) as e:
                 error = e

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from distill import anomaly_map, anomaly_score, distillation_loss, vgg_taps, vit_taps
+from distill import anomaly_map, anomaly_score, distillation_loss, location_scores, vgg_taps, vit_taps
 
 
 def pair_layers():
@@ -67,31 +67,43 @@ def test_taps():
     assert math.isclose(vit_taps(24).train_teacher[0], 6)
 
 
-## Anomaly maps: the per-image score is the mean of the map.
+## Anomaly maps: the score's formula at each location.
+
+def test_location_scores_by_hand():
+    # one image, a 1x2 conv map of 2 channels: location 0 orthogonal, location 1 identical
+    s = torch.tensor([[1.0, 3.0], [0.0, 4.0]]).view(1, 2, 1, 2)  # (B, C, H, W): s_0 = (1, 0), s_1 = (3, 4)
+    t = torch.tensor([[0.0, 3.0], [2.0, 4.0]]).view(1, 2, 1, 2)  # t_0 = (0, 2), t_1 = (3, 4)
+    lam = 0.5
+    # location 0: 1 - cos = 1, mean((s - t)^2) = (1 + 4) / 2; location 1: 0 and 0
+    torch.testing.assert_close(location_scores(s, t, lam), torch.tensor([[1 + lam * 2.5, 0.0]]))
+    tokens_s, tokens_t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)  # the same as ViT tokens
+    torch.testing.assert_close(location_scores(tokens_s, tokens_t, lam), location_scores(s, t, lam))
+
 
 @pytest.mark.parametrize("size", [32, 64])
-def test_conv_map_shape_and_agreement_with_the_score(size):
+def test_conv_map_shape_and_values(size):
     torch.manual_seed(0)
     s = [torch.randn(3, 8, 8, 8), torch.randn(3, 16, 4, 4), torch.randn(3, 16, 2, 2)]  # like pools 3-5 at 64 px
     t = [x + torch.randn_like(x) for x in s]
     m = anomaly_map(s, t, size, lam=0.01)
-    assert m.shape == (3, size, size)
-    torch.testing.assert_close(m.mean(dim=(1, 2)), anomaly_score(s, t, lam=0.01), rtol=1e-5, atol=1e-6)
+    assert m.shape == (3, size, size) and (m >= 0).all()
+    assert torch.allclose(anomaly_map(s, s, size), torch.zeros(3, size, size), atol=1e-6)  # perfect imitation: 0
+    # with one tap at the image's own resolution the map is that tap's location scores, untouched
+    one = anomaly_map(s[:1], t[:1], 8, lam=0.01)
+    torch.testing.assert_close(one.flatten(1), location_scores(s[0], t[0], lam=0.01))
 
 
 @pytest.mark.parametrize("prefix", [1, 5])
-def test_vit_map_spreads_global_tokens_and_agrees_with_the_score(prefix):
+def test_vit_map_leaves_out_global_tokens_and_finds_the_wrong_patch(prefix):
     torch.manual_seed(1)
     s = [torch.randn(2, prefix + 16, 24) for _ in range(3)]  # (B, CLS + registers + 4x4 patches, D)
-    t = [x + 0.5 * torch.randn_like(x) for x in s]
-    m = anomaly_map(s, t, 32, lam=0.01, prefix=prefix)
-    assert m.shape == (2, 32, 32)
-    torch.testing.assert_close(m.mean(dim=(1, 2)), anomaly_score(s, t, lam=0.01), rtol=1e-5, atol=1e-6)
-    # a student that gets one patch token backwards lights up that patch's 8x8 square of the image
-    t2 = [x.clone() for x in s]
-    for x in t2:
+    t = [x.clone() for x in s]
+    for x in t:
+        x[:, :prefix] = -x[:, :prefix]  # the global tokens disagree completely: they are no place in the image
+    assert torch.allclose(anomaly_map(s, t, 32, prefix=prefix), torch.zeros(2, 32, 32), atol=1e-6)
+    for x in t:
         x[:, prefix + 5] *= -3  # patch 5 = row 1, column 1 of the 4x4 grid
-    hot = anomaly_map(s, t2, 32, prefix=prefix)[0]
+    hot = anomaly_map(s, t, 32, prefix=prefix)[0]
     assert hot[8:16, 8:16].mean() > 5 * hot[24:, 24:].abs().mean()
 
 
@@ -104,9 +116,7 @@ def test_kdad_maps_on_real_networks():
     for backbone, teacher in (("vit", ViT(ViTConfig(image_size=32, patch_size=8, width=64, depth=4, heads=1,
                                                     mlp_width=64, registers=2)).eval()), ("vgg", VGG().eval())):
         kdad = KDAD(teacher, make_student(backbone, teacher).eval(), taps_for(backbone, teacher))
-        with torch.no_grad():
-            m, score = kdad.anomaly_map(x), kdad.score(x)
-        assert m.shape == (2, 32, 32)
-        torch.testing.assert_close(m.mean(dim=(1, 2)), score, rtol=1e-4, atol=1e-5)
-        g = kdad.gradient_map(x)
-        assert g.shape == (2, 32, 32) and (g >= 0).all() and g.sum() > 0
+        m = kdad.map(x, "mismatch")
+        assert m.shape == (2, 32, 32) and (m >= 0).all() and m.std() > 0
+        g = kdad.map(x, "gradient")  # the paper's: scaled per image to [0, 1] before smoothing
+        assert g.shape == (2, 32, 32) and (g >= 0).all() and (g <= 1 + 1e-6).all() and g.sum() > 0

@@ -143,7 +143,8 @@ def bench_images(n: int, data_dir) -> torch.Tensor:
 def step_table(args, device):
     n = args.batch_size * (args.steps + 1)
     images = bench_images(n, args.data_dir).to(device)
-    print(f"device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
+    print(f"device: {describe_device(device)}; torch {torch.__version__}; batch {args.batch_size}; "
+          f"{args.image_size} px; "
           f"{args.steps} timed steps after 1 warm-up; plain path: {args.workers} DataLoader workers"
           + ("; fast path compiled" if args.compile else ""))
     print("\n| backbone | measure | fast | plain | fast / plain |\n|---|---|---|---|---|")

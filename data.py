@@ -1,7 +1,7 @@
 """One-class CIFAR-10 (or any image folder) for KDAD: folders read as a person sees them, the honest split, and
 preprocessing done per batch.
 
-The protocol (method.md, "One-class CIFAR-10"):
+The protocol (one-class CIFAR-10, as the README states it; the original code validated on the test set):
 - a seeded, stratified 10% of the *training* split is held out as validation (all classes, labelled);
 - the training set is the normal-class images of the remaining 90%;
 - the test set is the whole test split, labelled normal (0) / anomalous (1), and is only scored once, at the end.
@@ -28,6 +28,7 @@ import glob
 import io
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections import Counter
@@ -360,7 +361,7 @@ def walk(folder: Path, images: list, others: list, seen: set):
 
 def class_order(names) -> list[str]:
     """Natural order; when all ten CIFAR-10 names are there, they come first in torchvision's order, so that the
-    indices 0-9 keep the meaning method.md and the README give them (3 = cat) whatever else is in the folder."""
+    indices 0-9 keep the meaning the README gives them (3 = cat) whatever else is in the folder."""
     names = sorted(names, key=natural_key)
     if set(CIFAR10_CLASSES) <= set(names):
         names = list(CIFAR10_CLASSES) + [n for n in names if n not in CIFAR10_CLASSES]
@@ -490,12 +491,17 @@ class TorchvisionCIFAR10:
         self.test_only, self.folders, self.normal_classes = [], self.classes, list(range(10))
         self.files, self.left_out, self.skipped = None, [], []
         self._data, self.labels = {}, {}
+        created = not self.root.exists()
         for split in ("train", "test"):
             try:
                 ds = torchvision.datasets.CIFAR10(str(self.root), train=split == "train", download=True)
             except Exception as e:  # no network, a full disk, a damaged archive
-                raise DataError(f"could not get CIFAR-10 into {self.root} ({e}); without network, point --data-dir "
-                                f"at an image folder with train/<class>/ and test/<class>/") from None
+                if created and self.root.is_dir() and not any(self.root.rglob("*.tar.gz")):
+                    shutil.rmtree(self.root, ignore_errors=True)  # a failed first download leaves no folder behind
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "
+                                f"network' in the README: --data-dir takes an image folder with train/<class>/ and "
+                                f"test/<class>/") from None
             self._data[split] = ds.data  # (N, 32, 32, 3) uint8
             self.labels[split] = np.array(ds.targets, dtype=np.int64)
 
@@ -663,7 +669,7 @@ def resolve_class(source, cls) -> int:
 
 
 def cifar_meaning(source, i: int):
-    """method.md and the README number CIFAR-10's classes 0-9 (3 = cat). Where the class folders carry CIFAR-10
+    """The README numbers CIFAR-10's classes 0-9 (3 = cat). Where the class folders carry CIFAR-10
     names but not all ten (all ten keep those indices, see class_order), a number meaning another class here than
     in CIFAR-10 is refused rather than read one way."""
     names = source.classes

@@ -8,7 +8,7 @@ the anomaly score. Each tapped pair (s, t) contributes, per image,
     (1 - cos(s, t))  +  lambda * mean((s - t)^2)        "direction" loss + lambda * "value" loss
 
 with s and t flattened over everything but the batch. Training minimises the batch mean of that sum over the
-training taps; the score is the same sum, per image, over the score taps (shared/docs/method.md).
+training taps; the score is the same sum, per image, over the score taps (the paper's code; see the README's recipes).
 """
 from dataclasses import dataclass, replace
 

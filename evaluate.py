@@ -37,7 +37,8 @@ from plots import PlotError, draw_run, table_png
 from record import TORCHVISION_CIFAR10, read_json, run_folders
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
-# One-class CIFAR-10: the paper's Table (VGG16) and the ViT reproduction's README (method.md gives both).
+# One-class CIFAR-10: the paper's table (VGG16) and the ViT reproduction's README
+# (LucStrater/Knowledge_Distillation_AD).
 # MVTec AD: the paper's detection and localisation AUROC per category, as the PaddlePaddle reproduction's README
 # quotes them (txyugood/Knowledge_Distillation_AD_Paddle, "Origin" row): the paper's own table was not at hand to
 # check them against. Its localisation is gradient maps at 128 px, scored on the defective test images only.
@@ -55,10 +56,10 @@ PUBLISHED = {
                                76.45, 84.80, 93.90]))),
 }
 MEANS = ("test_auroc", "val_auroc", "knn_test_auroc", "pixel_auroc", "pro", "pixel_auroc_mismatch", "pro_mismatch")
-COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alone (%)"), ("val_auroc", "val AUROC (%)"),
-           ("pixel_auroc", "pixel AUROC (%)"), ("pro", "PRO (%)"), ("pixel_auroc_mismatch", "pixel AUROC, mismatch (%)"),
-           ("pro_mismatch", "PRO, mismatch (%)"), ("runs", "runs"), ("published", "published (%)"),
-           ("published_pixel", "published pixel AUROC (%)")]
+COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alone (%)"),
+           ("val_auroc", "val AUROC (%)"), ("pixel_auroc", "pixel AUROC (%)"), ("pro", "PRO (%)"),
+           ("pixel_auroc_mismatch", "pixel AUROC, mismatch (%)"), ("pro_mismatch", "PRO, mismatch (%)"),
+           ("runs", "runs"), ("published", "published (%)"), ("published_pixel", "published pixel AUROC (%)")]
 
 
 ## --------------------------------------------------------------------------------------------------------

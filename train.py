@@ -5,11 +5,12 @@
     python train.py --backbone vit --cls cat --teacher dino-vitb16 --data-dir path/to/cifar10-jpeg
     python train.py --backbone vit --cls 3 --image-size 32 --epochs 1 --limit 300    # a quick CPU check
 
-This file is the recipe and the training loop, read top to bottom: the recipes of shared/docs/method.md, the
-teacher-feature cache, one training step, one epoch, the fit over all epochs, the final scoring, and the command
-line. The protocol (validation held out from the training split, test scored once, final epoch unless --select
-val-auroc) is data.py's; the run folder's record (config.json, state.pt, log.jsonl, results.json, resume checks) is
-record.py's; the flags, device and precision are cli.py's.
+This file is the recipe and the training loop, read top to bottom: the recipes (the paper's and the
+reproduction's), the teacher-feature cache, one training step, one epoch, the fit over all epochs, the final
+scoring, the jobs (one per class and seed, spread over torchrun's processes), and the command line. The protocol
+(validation held out from the training split, test scored once, final epoch unless --select val-auroc) is
+data.py's; the run folder's record (config.json, state.pt, log.jsonl, results.json, resume checks) is record.py's;
+the flags, device and precision are cli.py's.
 """
 import sys
 
@@ -41,14 +42,18 @@ from record import TORCHVISION_CIFAR10, Run, Snapshots, default_run_dir, fresh_e
 from vit import set_fused_attn
 
 ## The recipes, per data set and backbone. On CIFAR-10 (and any image folder laid out like it) the VGG one is the
-## paper's code and the ViT one the reproduction's (method.md). On MVTec AD the VGG one is the paper's code again,
-## with its MVTec settings (Knowledge_Distillation_AD, configs/config.yaml: `lamda: 0.01 # mvtec:0.5`,
-## `num_epochs: 201 # ... mvtec:601` (runs of 601 epochs are counted as 600 here, as CIFAR-10's 201 are 200),
-## `mvtec_img_size: 128`; dataloader.py: Resize to 128 and ToTensor, so no crop and no normalisation). No MVTec
-## recipe exists for the ViT (the reproduction ran CIFAR-10 only): ours keeps the ViT recipe's optimiser and the
-## paper's MVTec lambda, sees whole images without augmentation (a flipped part can be a defect), and takes batches
-## of 16 for 50 epochs so that a category of a few hundred images gets as many steps as a CIFAR-10 class does;
-## a starting point, not tuned on MVTec data.
+## paper's code (rohban-lab/Knowledge_Distillation_AD) and the ViT one the reproduction's (LucStrater/
+## Knowledge_Distillation_AD, vit_kdad.ipynb). On MVTec AD the VGG one is the paper's code with its MVTec settings:
+##   configs/config.yaml line 15 (commit 0dbc8c0): `lamda: 0.01 # mvtec:0.5, Others:0.01`
+##   configs/config.yaml line 8 (0dbc8c0): `num_epochs: 201 # mnist/fashionmnist:51, cifar10:201, mvtec:601`
+##     (counted here as 600, as CIFAR-10's 201 are 200; batch 64 and Adam 1e-3 as for CIFAR-10)
+##   configs/config.yaml line 14 (commit 72eab92): `mvtec_img_size: 128`
+##   dataloader.py lines 75-78 (0dbc8c0): `transforms.Resize([mvtec_img_size, mvtec_img_size]), transforms.ToTensor()`
+##     (the whole image resized, no crop, and no normalisation: VGG16 sees pixels in [0, 1])
+## No MVTec recipe exists for the ViT (the reproduction ran CIFAR-10 only): ours keeps the ViT recipe's optimiser and
+## the paper's MVTec lambda, sees whole images without augmentation (a flipped part can be a defect), and takes
+## batches of 16 for 50 epochs so that a category of a few hundred images gets as many steps as a CIFAR-10 class
+## does; a starting point, not tuned on MVTec data.
 CIFAR, MVTEC = dict(lam=0.01, image_size=224, crop_pct=CROP_PCT), dict(lam=0.5, crop_pct=1.0)
 RECIPES = {
     "cifar10": {

@@ -32,8 +32,9 @@ class VGGConfig:
     std: tuple = IMAGENET_STD
 
 
-## The cloner (method.md): mostly 16-channel convs, but the last conv of stages 2-5 widens to the teacher's
-## channels so each stage output can be compared with the teacher's. 0.34M parameters, against VGG16's 14.7M.
+## The cloner (the paper's code, models/network.py, configuration 'B'): mostly 16-channel convs, but the last conv
+## of stages 2-5 widens to the teacher's channels so each stage output can be compared with the teacher's. 0.34M
+## parameters, against VGG16's 14.7M.
 CLONER = VGGConfig(widths=[16, 16, "M", 16, 128, "M", 16, 16, 256, "M", 16, 16, 512, "M", 16, 16, 512, "M"],
                    batch_norm=True, bias=False)
 

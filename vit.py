@@ -13,7 +13,7 @@ of block i, all before the final LayerNorm; Hugging Face's `hidden_states` conve
 the file's, the position table is resized the way the file's own library resizes it (POS_RESIZE), so the network
 is the one that library would run.
 
-    model = load_vit("model.safetensors", image_size=224)   # any of the layouts in shared/docs/checkpoints.md
+    model = load_vit("model.safetensors", image_size=224)   # any of the layouts LAYOUTS reads
     hidden = model(images)                                  # list of L + 1 tensors, each (B, tokens, width)
     student = ViT(student_config(model.cfg))                # the KDAD student, token for token like the teacher
 """
@@ -187,7 +187,7 @@ def set_fused_attn(model: nn.Module, fused: bool):
 
 
 ## --------------------------------------------------------------------------------------------------------
-## The KDAD student (method.md, ViT recipe): 4 blocks, 8 heads, MLP width 512, dropout 0.2, trained from scratch.
+## The KDAD student (the ViT reproduction's): 4 blocks, 8 heads, MLP width 512, dropout 0.2, trained from scratch.
 ## Width, patch size, image size and register count are the teacher's, so hidden state i of the student has
 ## exactly the shape (B, tokens, D) of the teacher hidden state it is matched against.
 
@@ -201,7 +201,8 @@ def student_config(teacher: ViTConfig, depth=4, heads=8, mlp_width=512, dropout=
 
 
 ## --------------------------------------------------------------------------------------------------------
-## Checkpoint layouts (shared/docs/checkpoints.md). Each is renamed into the timm names used above.
+## Checkpoint layouts (transformers', timm's and torchvision's own key names). Each is renamed into the timm names
+## used above.
 
 def _hf_names(dinov2: bool, v5: bool) -> tuple[str, tuple, dict]:
     """Where a Hugging Face block keeps its tensors: (layer prefix, q/k/v modules, {our module: theirs}).

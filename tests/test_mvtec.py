@@ -47,7 +47,8 @@ def mvtec_folder(root, categories=("grid", "bottle"), n_train=12, n_good=3, defe
                 path = base / "test" / defect / f"{i:03d}.png"
                 save(a, path)
                 (base / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
-                Image.fromarray((mask * 255).astype(np.uint8)).save(base / "ground_truth" / defect / f"{i:03d}_mask.png")
+                truth = base / "ground_truth" / defect / f"{i:03d}_mask.png"
+                Image.fromarray((mask * 255).astype(np.uint8)).save(truth)
                 drawn[str(path)] = mask
     return str(root), drawn
 

@@ -326,7 +326,8 @@ def table_png(path, rows: list[dict], title: str, published_label: str = "publis
         have = [i for i, r in enumerate(groups) if r.get(key) is not None]
         heights = np.array([groups[i][key] for i in have], dtype=float)
         # bars start at the axis floor: a bar's visible length is its value above the floor
-        handles.append(ax.bar(at[have], heights - floor, width, bottom=floor, color=colour, label=label))
+        handles.append(ax.bar(at[have], heights - floor, width, bottom=floor, color=colour,
+                              label=wrap(label, FIGSIZE["table"][0] / 3.3, fontsize=9)))  # 3 legend columns
         for i in sorted(set(range(len(groups))) - set(have)):
             ax.text(at[i], floor + 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
         if key != "test_auroc":

@@ -406,7 +406,8 @@ def write_table(paths, out_prefix=None) -> str:
     written = [out.with_suffix(".md"), out.with_suffix(".csv")]
     out.with_suffix(".md").write_text("\n\n".join(g["markdown"] for g in groups) + "\n")
     with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["group", *groups[0]["rows"][0]])
+        order = ["class", "name", "test_auroc", "std"] + [k for k, _ in COLUMNS if k != "test_auroc"]
+        writer = csv.DictWriter(f, fieldnames=["group", *order])
         writer.writeheader()
         for g in groups:
             writer.writerows({"group": g["title"]} | r for r in g["rows"])

@@ -121,8 +121,11 @@ def test_torchvision_cifar10_source(monkeypatch, tmp_path):
     assert d.class_name == "cat" and len(d.train) == 9 and d.train.shape[1:] == (3, 32, 32)
     assert (d.test_labels == NORMAL).sum() == 2 and len(d.test) == 20
 
-    def offline(*args, **kwargs):
+    def offline(root, *args, **kwargs):
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before it downloads
         raise RuntimeError("Error downloading cifar-10-python.tar.gz")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    with pytest.raises(data.DataError, match="could not get CIFAR-10 into .* without network, point --data-dir"):
-        data.open_source(None, tmp_path, image_size=32)
+    with pytest.raises(data.DataError, match="could not get CIFAR-10 into .* without network, see 'Without "
+                                             "network' in the README: --data-dir takes an image folder"):
+        data.open_source(None, tmp_path / "data", image_size=32)
+    assert not (tmp_path / "data").exists()  # a failed first download leaves no empty folder behind

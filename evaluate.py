@@ -33,7 +33,7 @@ from cli import RunError, autocast, pick_device, progress
 from data import (CIFAR10_CLASSES, CROP_PCT, MVTEC_CATEGORIES, DataError, Preprocess, batches, one_class_data,
                   open_source)
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
-from plots import PlotError, draw_run, table_png
+from plots import PlotError, draw_run, pyplot, table_png
 from record import TORCHVISION_CIFAR10, read_json, run_folders
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
@@ -429,6 +429,8 @@ def main(argv=None):
             print(write_table(args.runs, args.table_out))
             return 0
         device = pick_device(args.device)
+        if args.plots:
+            pyplot()  # PlotError now, not after minutes of scoring, when matplotlib is missing
         for run in run_folders(args.runs):
             print(f"{run}:")
             evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)

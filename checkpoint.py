@@ -484,9 +484,9 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo} has no revision {revision}") from None
     except LocalEntryNotFoundError:
-        offline = " and offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(f"could not download {where}: no connection{offline}, and it is not in the Hugging "
-                              f"Face cache ({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
+        raise CheckpointError(f"could not download {where}: {why}, and it is not in the Hugging Face cache "
+                              f"({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
     except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)

@@ -64,11 +64,9 @@ def wrap(text: str, width_in: float, fontsize: float = 12) -> str:
 ## A run.
 
 def teacher_label(teacher: dict) -> str:
-    """config.json's teacher as a short name: the preset, or the file / address name without its suffix; a
-    teacher that has seen CIFAR-10 labels says so."""
-    name = teacher.get("preset") or Path(str(teacher["name"]).split("?")[0]).name
-    for suffix in (".safetensors", ".pth", ".bin", ".pt"):
-        name = name.removesuffix(suffix)
+    """config.json's teacher as a short name (record.teacher_name's: the preset, the Hugging Face repository, the
+    folder of a model.safetensors, else the file's name); a teacher that has seen CIFAR-10 labels says so."""
+    name = teacher.get("short_name") or teacher.get("preset") or Path(str(teacher["name"]).split("?")[0]).stem
     return name + (" (saw CIFAR-10 labels)" if teacher.get("label_leak") else "")
 
 

@@ -99,6 +99,12 @@ def teacher_embeddings(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256
     return torch.cat(out)
 
 
+def knn_aurocs(bank: torch.Tensor, val_embedding: torch.Tensor, test_embedding: torch.Tensor, data, k: int) -> dict:
+    """The teacher-alone baseline's validation and test AUROC (None where a split holds one kind only)."""
+    return {"knn_val_auroc": auroc(knn_scores(bank, val_embedding, k), data.val_labels.cpu()),
+            "knn_test_auroc": auroc(knn_scores(bank, test_embedding, k), data.test_labels.cpu())}
+
+
 def knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     """Anomaly score of each query (M,) float32: its mean cosine distance (1 - cos, in [0, 2]) to its k nearest
     neighbours among the bank (N, D) of normal training features; queries (M, D). The k-nearest-neighbour score
@@ -258,8 +264,7 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
     k = cfg["settings"].get("knn_k", 0)
     if k:  # the teacher-alone baseline, recomputed from a teacher pass over the training images
         bank = teacher_embeddings(kdad, data.train, prep, amp, batch_size, plain)
-        out["knn_val_auroc"] = auroc(knn_scores(bank, val_embedding, k), data.val_labels.cpu())
-        out["knn_test_auroc"] = auroc(knn_scores(bank, test_embedding, k), data.test_labels.cpu())
+        out |= knn_aurocs(bank, val_embedding, test_embedding, data, k)
     if data.test_masks is not None:
         out |= localisation(kdad, data, prep, amp)
     saved = read_json(Path(run_dir) / "results.json") if (Path(run_dir) / "results.json").is_file() else {}

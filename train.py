@@ -36,7 +36,7 @@ from cli import RunError, autocast, pick_device, pick_precision, progress
 from data import CIFAR10_CLASSES, CROP_PCT, DataError, Preprocess, batches, class_index, one_class_data, open_source
 from distill import (KDAD, channels_last, image_embedding, load_teacher, make_student, place, student_config_for,
                      taps_for)
-from evaluate import (auroc, fmt, knn_scores, load_student, localisation, score_images, teacher_embeddings,
+from evaluate import (auroc, fmt, knn_aurocs, load_student, localisation, score_images, teacher_embeddings,
                       write_table)
 from record import TORCHVISION_CIFAR10, Run, Snapshots, default_run_dir, fresh_epoch, teacher_name
 from vit import set_fused_attn
@@ -292,10 +292,9 @@ def knn_baseline(args, kdad, data, prep, amp, cache, val_embedding, test_embeddi
                           for i in range(0, len(last), args.eval_batch_size)])
     else:
         bank = teacher_embeddings(kdad, data.train, prep, amp, args.eval_batch_size, args.plain)
-    val, test = knn_scores(bank, val_embedding, args.knn_k), knn_scores(bank, test_embedding, args.knn_k)
-    return {"knn_val_auroc": auroc(val, data.val_labels.cpu()), "knn_test_auroc": auroc(test, data.test_labels.cpu()),
-            "knn_k": args.knn_k, "knn_feature": "final normalised CLS token" if args.backbone == "vit" else
-            "pool5, global average", "knn_seconds": time.time() - t0}
+    return knn_aurocs(bank, val_embedding, test_embedding, data, args.knn_k) | {
+        "knn_k": args.knn_k, "knn_feature": "final normalised CLS token" if args.backbone == "vit" else
+        "pool5, global average", "knn_seconds": time.time() - t0}
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -14,8 +14,15 @@ one warm-up step; "train" covers everything a training step does, data preparati
     python bench.py --full-class --data-dir path/to/cifar10-jpeg          # wall time of one whole class per recipe
     python bench.py --table                                              # projected time of the ten-class table
 """
-import os
-import platform
+import sys
+
+import cli
+
+if __name__ == "__main__":  # flags first: --help and a mistyped flag answer before torch's 5-second import
+    cli.bench_args(sys.argv[1:])
+    cli.quiet_interrupt()
+
+import platform  # the rest waits for the flag check above
 import tempfile
 import time
 from contextlib import contextmanager
@@ -25,7 +32,7 @@ import torch
 
 from data import Preprocess, batches, open_source
 from distill import KDAD, make_student, taps_for
-from cli import OneLineParser, autocast, pick_device, pick_precision
+from cli import autocast, pick_device, pick_precision
 from train import RECIPES, feature_cache, train_step
 from vgg import VGG
 from vit import ViT, ViTConfig, set_fused_attn
@@ -229,23 +236,7 @@ def describe_device(device) -> str:
 
 
 def main(argv=None):
-    p = OneLineParser(description="Fast path vs plain path, side by side; or the projected time of the whole table.")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on the CPU")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 3 on the CPU)")
-    p.add_argument("--image-size", type=int, default=224, help="crop size (default: 224, the recipes')")
-    p.add_argument("--backbones", nargs="+", default=["vit", "vgg"], choices=["vit", "vgg"])
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader workers of the plain path (default: min(4, CPUs))")
-    p.add_argument("--data-dir", help="image folder to take the images from (default: random images)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    p.add_argument("--full-class", action="store_true",
-                   help="instead: train one whole class per recipe with train.py and report the wall time")
-    p.add_argument("--table", action="store_true",
-                   help="instead: project the wall time of the full ten-class table per recipe from measured speeds")
-    p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="process counts for --table's projection (default: 1 2 4 8)")
-    args = p.parse_args(argv)
+    args = cli.bench_args(argv)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     args.batch_size = args.batch_size or (128 if gpu else 16)
@@ -259,4 +250,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.ready_for_interrupts()
     main()

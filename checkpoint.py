@@ -44,14 +44,20 @@ MAX_HEADER = 100 * 1024 * 1024  # the reference reader refuses larger headers to
 
 
 def _sniff(path: Path, head: bytes) -> str:
-    """Name the kind of a file that is not safetensors, for the error message."""
+    """Name the kind of a file that is not safetensors, for the error message. The converted file it suggests
+    goes into the current folder (the original may lie where nothing should be written, e.g. site-packages)."""
+    out = Path(path.stem + ("-converted" if path.suffix == ".safetensors" else "") + ".safetensors")
     if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):  # zip / pickle
-        out = path.with_name(path.stem + ("-converted" if path.suffix == ".safetensors" else "") + ".safetensors")
+        top = _pickled_class(path)
+        if top and top not in ("collections.OrderedDict", "builtins.dict"):
+            return (f"{path} is a pickled {top} object (a whole model), not a state dict: where it was made, save "
+                    f"`torch.save(model.state_dict(), 'weights.pth')`, convert that with `python checkpoint.py "
+                    f"convert weights.pth {out}` and pass the result")
         return (f"{path} is a PyTorch pickle, not safetensors: convert it once with "
                 f"`python checkpoint.py convert {path} {out}` and pass that file")
     if path.suffix == ".onnx" or (head[:1] == b"\x08" and head[2:3] == b"\x12"):  # ModelProto: ir_version, producer
         return (f"{path} is an ONNX model, not safetensors: convert it once with "
-                f"`python checkpoint.py convert {path} {path.with_suffix('.safetensors')}` and pass that file")
+                f"`python checkpoint.py convert {path} {out}` and pass that file")
     if head.lstrip()[:5].lower() in (b"<!doc", b"<html", b"<?xml", b"<head", b"<body"):
         return f"{path} is an HTML/XML page, not safetensors (a failed download?): download it again"
     return f"{path} is not a safetensors file (unreadable header): check the path or download it again"

@@ -1,5 +1,5 @@
-"""What a user chooses and sees on the command line: the flags of train.py and evaluate.py, the device and precision
-they run on, and the progress bars they watch.
+"""What a user chooses and sees on the command line: the flags of train.py, evaluate.py and bench.py, the device and
+precision they run on, and the progress bars they watch.
 
 This module imports no torch at module level: train.py and evaluate.py parse their flags with it *before* importing
 torch (about 5 s and 900 MB with a CUDA build), so `--help` and a mistyped flag answer at once. The device helpers
@@ -10,6 +10,8 @@ import torch when they are called.
     for x in cli.progress(batches, total=len(batches), desc="epoch 1"): ...
 """
 import argparse
+import os
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -25,6 +27,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def quiet_interrupt():
+    """Until the script's own handling starts: Ctrl-C ends the process with one line, not a traceback from inside
+    an import (nothing has been written yet). The script puts Python's default handler back when it is ready."""
+    def stop(*_):
+        print("stopped: interrupted while starting; nothing was written", file=sys.stderr)
+        os._exit(130)
+    signal.signal(signal.SIGINT, stop)
+
+
+def ready_for_interrupts():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -65,7 +80,7 @@ def train_parser() -> OneLineParser:
     g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit; MVTec AD's differ)")
     g.add_argument("--epochs", type=int, help="vgg 200, vit 10 (MVTec AD: vgg 600, vit 50)")
     g.add_argument("--batch-size", type=int, help="vgg 64, vit 128 (MVTec AD: vgg 64, vit 16)")
-    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after half the epochs)")
+    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5; MVTec AD after 25)")
     g.add_argument("--lam", type=float, help="weight of the MSE (value) term (0.01; MVTec AD 0.5)")
     g.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="seeds the split, the student and the batches (default: 0); several seeds run one job each")
@@ -107,6 +122,8 @@ def train_args(argv=None) -> argparse.Namespace:
         p.error(f"--limit must be at least 2 (one normal and one anomalous test image), got {args.limit}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
+    if len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seed lists a seed twice ({' '.join(map(str, args.seeds))}): each seed is one run")
     return args
 
 
@@ -136,6 +153,34 @@ def evaluate_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
+    return args
+
+
+## --------------------------------------------------------------------------------------------------------
+## bench.py
+
+def bench_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(prog="bench.py",
+                      description="Fast path vs plain path, side by side; or the projected time of the whole table.")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, help="default: 128 on a GPU, 16 on the CPU")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (default: 20 on a GPU, 3 on the CPU)")
+    p.add_argument("--image-size", type=int, default=224, help="crop size (default: 224, the recipes')")
+    p.add_argument("--backbones", nargs="+", default=["vit", "vgg"], choices=["vit", "vgg"])
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader workers of the plain path (default: min(4, CPUs))")
+    p.add_argument("--data-dir", help="image folder to take the images from (default: random images)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    p.add_argument("--full-class", action="store_true",
+                   help="instead: train one whole class per recipe with train.py and report the wall time")
+    p.add_argument("--table", action="store_true",
+                   help="instead: project the wall time of the full ten-class table per recipe from measured speeds")
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="process counts for --table's projection (default: 1 2 4 8)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "steps", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 

@@ -68,6 +68,11 @@ def note(message: str):
     print(f"note: {message}", file=sys.stderr)
 
 
+def counted(n: int, one: str, many: str) -> str:
+    """'1 file that is not an image' / '3 files that are not images'."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def named(items, shown=SHOWN) -> str:
     """'a, b, c' or 'a, b, c, d, e and 7 more': a bounded list of names for one printed line."""
     items = [str(i) for i in items]
@@ -384,7 +389,10 @@ class ImageFolder:
             raise DataError(f"data folder not found: {self.root} (pass --data-dir DIR with train/ and test/ in it)")
         for split in ("train", "test"):
             if not (self.root / split).is_dir():
-                raise DataError(f"{self.root} has no {split}/ folder: expected {self.root}/{split}/<class>/<image>")
+                mvtec = any((p / "train" / MVTEC_NORMAL).is_dir() for p in self.root.iterdir() if p.is_dir())
+                hint = " (it looks like an MVTec AD folder: add --dataset mvtec)" if mvtec else ""
+                raise DataError(f"{self.root} has no {split}/ folder: expected {self.root}/{split}/<class>/<image>"
+                                + hint)
         scans = {split: scan_split(self.root / split) for split in ("train", "test")}
         self.classes = class_order(scans["train"].folders)
         if not self.classes:
@@ -410,10 +418,13 @@ class ImageFolder:
     def _say_left_out(self, split, scan: SplitScan):
         where = f"{self.root}/{split}"
         if scan.not_classes:
-            note(f"{where}: left out {len(scan.not_classes)} entries that are not class folders: "
+            what = counted(len(scan.not_classes), "entry that is not a class folder",
+                           "entries that are not class folders")
+            note(f"{where}: left out {what}: "
                  + named(f"{p.name} ({why})" for p, why in scan.not_classes))
         if scan.not_images:
-            note(f"{where}: skipped {len(scan.not_images)} files that are not images: "
+            what = counted(len(scan.not_images), "file that is not an image", "files that are not images")
+            note(f"{where}: skipped {what}: "
                  + named(f"{self.rel(p, split)} ({why})" for p, why in scan.not_images))
         if scan.nested:
             note(f"{where}: images in subfolders of class folders belong to that class: "
@@ -442,18 +453,22 @@ class ImageFolder:
         refused, notes = self.decode_report(split, new)
         self.left_out += refused
         if refused:
-            note(f"{self.root}/{split}: skipped {len(refused)} unreadable image files: "
+            what = counted(len(refused), "unreadable image file", "unreadable image files")
+            note(f"{self.root}/{split}: skipped {what}: "
                  + named(f"{self.rel(p, split)} ({why})" for p, why in refused))
         for line in notes:
             note(f"{self.root}/{split}: {line}")
         kept = np.array([i for i in idx if self._decoded[split, int(i)][0] is not None], dtype=np.int64)
         arrays = [self._decoded[split, int(i)][0] for i in kept]
-        side = self.load_size
-        if len({a.shape for a in arrays}) > 1:  # every image is square and at most `side` now (see square)
-            small = Counter(f"{a.shape[0]}x{a.shape[1]}" for a in arrays if a.shape[0] != side)
+        sizes = Counter(a.shape[0] for a in arrays)  # every image is square and at most load_size now (square())
+        if len(sizes) > 1:
+            # one tensor holds them all: the odd ones take the most common size (storing all at load_size instead
+            # would multiply the memory of a 32 px data set by 64 for a single large photo among them)
+            side = sizes.most_common(1)[0][0]
+            odd = Counter(f"{a.shape[0]}x{a.shape[1]}" for a in arrays if a.shape[0] != side)
             self._note_once(f"{self.root}/{split}: images of several sizes: "
-                            f"{named(f'{n} of {s}' for s, n in small.items())} resized to {side}x{side} "
-                            f"(the preprocessing's resize) to be stored with the others")
+                            f"{named(f'{n} of {s}' for s, n in odd.items())} resized to {side}x{side}, the most "
+                            f"common size here, to be stored with the others")
             arrays = [a if a.shape[0] == side else np.asarray(Image.fromarray(a).resize((side, side), Image.BILINEAR))
                       for a in arrays]
         if not arrays:
@@ -554,13 +569,18 @@ class MVTecAD:
         self.classes = [e.name for e in entries if not is_hidden(e.name) and (Path(e.path) / "train" /
                                                                                MVTEC_NORMAL).is_dir()]
         if not self.classes:
-            hint = (f"{self.root} holds train/ itself: pass its parent folder" if (self.root / "train").is_dir()
-                    else f"expected {self.root}/<category>/train/{MVTEC_NORMAL}/")
+            if (self.root / "train" / MVTEC_NORMAL).is_dir():
+                hint = f"{self.root} is one category: pass the folder holding the categories, {self.root.parent}"
+            elif (self.root / "train").is_dir():
+                hint = "it holds train/ and test/ class folders: an image folder, not MVTec AD: drop --dataset mvtec"
+            else:
+                hint = f"expected {self.root}/<category>/train/{MVTEC_NORMAL}/"
             raise DataError(f"{self.root} holds no MVTec AD category: {hint}")
         self.skipped = [(e.path, "not a category (no train/good/ in it)") for e in entries
                         if e.name not in self.classes]
         if self.skipped:
-            note(f"{self.root}: left out {len(self.skipped)} entries that are not categories: "
+            what = counted(len(self.skipped), "entry that is not a category", "entries that are not categories")
+            note(f"{self.root}: left out {what}: "
                  + named(Path(p).name for p, _ in self.skipped))
         self.test_only, self.folders = [], self.classes
         self.normal_classes = list(range(len(self.classes)))
@@ -579,9 +599,10 @@ class MVTecAD:
 def mvtec_masks(category_root: Path, test_files: list, side: int) -> torch.Tensor:
     """(N, side, side) bool defect masks of the test images, paired by name: test/<defect>/<name>.<ext> has
     ground_truth/<defect>/<name>_mask.png; test/good images have none (all False). Each mask goes through the
-    geometry its image goes through (square() to the stored side, then the preprocessing's resize to `side`), with
-    area averaging: a pixel is defective where at least half of it is. Raises DataError for a defective image
-    without its mask, or a mask of another size than its image."""
+    geometry its image goes through (square() to the stored side, then the preprocessing's resize to `side`), and a
+    pixel there is defective where any part of it is: a thin scratch or a small spot of a 1024 px image stays a
+    region at 128 px (regions grow by up to a pixel instead). Raises DataError for a defective image without its
+    mask, or a mask of another size than its image."""
     category_root = Path(category_root)
     out = np.zeros((len(test_files), side, side), dtype=bool)
     for i, f in enumerate(map(Path, test_files)):
@@ -602,7 +623,8 @@ def mvtec_masks(category_root: Path, test_files: list, side: int) -> torch.Tenso
                if not p.stem.endswith("_mask") or not any((category_root / "test" / p.parent.name).glob(
                    glob.escape(p.stem.removesuffix("_mask")) + ".*"))]
     if orphans:
-        note(f"{category_root}/ground_truth: {len(orphans)} files pair with no test image (expected "
+        what = counted(len(orphans), "file pairs", "files pair")
+        note(f"{category_root}/ground_truth: {what} with no test image (expected "
              f"<defect>/<name>_mask.png beside test/<defect>/<name>) and are left out: "
              + named(str(p.relative_to(category_root / "ground_truth")) for p in orphans))
     return torch.from_numpy(out)
@@ -610,13 +632,13 @@ def mvtec_masks(category_root: Path, test_files: list, side: int) -> torch.Tenso
 
 def square_mask(mask: np.ndarray, side: int) -> np.ndarray:
     """A 0/1 mask (H, W) float -> (side, side) bool with square()'s geometry (shorter side to `side`, center crop)
-    and area averaging (PIL's BOX filter), kept where at least half a pixel is defective."""
+    and area averaging (PIL's BOX filter): a pixel is defective where any part of it was."""
     h, w = mask.shape
     s = side / min(h, w)
     size = (max(side, round(w * s)), max(side, round(h * s)))
     im = Image.fromarray(mask, mode="F").resize(size, Image.BOX)
     left, top = (im.width - side) // 2, (im.height - side) // 2
-    return np.asarray(im.crop((left, top, left + side, top + side))) >= 0.5
+    return np.asarray(im.crop((left, top, left + side, top + side))) > 1e-6  # float sums: not exactly 0
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import cli
 
 if __name__ == "__main__":  # flags first: --help and a mistyped flag answer before torch's 5-second import
     cli.evaluate_args(sys.argv[1:])
+    cli.quiet_interrupt()
 
 import csv  # the rest waits for the flag check above
 from pathlib import Path
@@ -299,9 +300,10 @@ def describe_group(cfg: dict, short=False) -> str:
     if s.get("dataset") == "mvtec":
         data = f"MVTec AD ({data})"
     teacher = t.get("short_name") or Path(t["name"]).name
+    epochs = f"{s['epochs']} epoch" + "s" * (s["epochs"] != 1)
     if short:
-        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {s['epochs']} epochs"
-    return (f"{s['backbone']}, teacher {teacher}, data {data}, {s['epochs']} epochs, batch {s['batch_size']}, "
+        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}"
+    return (f"{s['backbone']}, teacher {teacher}, data {data}, {epochs}, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px"
             + (f", limit {s['limit']}" if s["limit"] else "") + (", selected by val AUROC" if
                                                                   s["select"] == "val-auroc" else ""))
@@ -314,10 +316,11 @@ def on_cifar10(cfg: dict) -> bool:
 
 def published_for(cfg: dict) -> tuple[str | None, dict, dict]:
     """(source, {class: image AUROC}, {class: pixel AUROC}) of the published figures comparable with this group:
-    CIFAR-10 runs (torchvision's, or a folder of exactly its classes) and MVTec AD runs, matched by class name."""
+    CIFAR-10 runs (torchvision's, or a folder of exactly its classes) and MVTec AD runs on their whole test sets (no
+    --limit), matched by class name."""
     s = cfg["settings"]
     dataset = s.get("dataset", "cifar10")
-    if dataset == "cifar10" and not on_cifar10(cfg):
+    if (dataset == "cifar10" and not on_cifar10(cfg)) or s.get("limit"):  # --limit: not the protocol's test set
         return None, {}, {}
     return PUBLISHED.get((dataset, s["backbone"]), (None, {}, {}))
 
@@ -377,11 +380,18 @@ def tables(paths) -> list[dict]:
             print(f"note: {run} is unfinished (no results.json): left out of the table", file=sys.stderr)
             continue
         cfg = read_json(run / "config.json")
-        groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json")))
+        groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json"), run))
     if not groups:
         raise RunError(f"no finished run in {', '.join(map(str, paths))} (no results.json): nothing to tabulate")
     out = []
     for runs in groups.values():
+        seen = {}
+        for _, r, run in runs:  # a seed counted twice would shrink the std and inflate the count of runs
+            first = seen.setdefault((r["cls"], r.get("seed")), run)
+            if first != run:
+                raise RunError(f"{first} and {run} are the same run (class {r['class_name']}, seed {r.get('seed')}, "
+                               f"the same settings): pass only one of them")
+        runs = [(cfg, r) for cfg, r, _ in runs]
         rows, label = group_rows(runs)
         title = describe_group(runs[0][0])
         published = f"\n\npublished: {label}" if label else ""
@@ -416,6 +426,8 @@ def write_table(paths, out_prefix=None) -> str:
         writer.writeheader()
         for g in groups:
             writer.writerows({"group": g["title"]} | r for r in g["rows"])
+    for stale in [out.with_suffix(".png"), *out.parent.glob(f"{out.name}-[0-9]*.png")]:  # an earlier table's charts
+        stale.unlink(missing_ok=True)
     for k, g in enumerate(groups, start=1):
         png = out.with_suffix(".png") if len(groups) == 1 else out.with_name(f"{out.name}-{k}.png")
         try:
@@ -449,4 +461,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cli.ready_for_interrupts()
     sys.exit(main())

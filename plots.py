@@ -97,7 +97,8 @@ def scores_png(path, scores, labels, title):
     """Histograms of the test scores of normal and anomalous images, each normalised to area 1."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE["scores"], layout="constrained")
-    bins = np.histogram_bin_edges(scores, bins=50)
+    fewest = min((labels == NORMAL).sum(), (labels == ANOMALOUS).sum())
+    bins = np.histogram_bin_edges(scores, bins=int(np.clip(2 * np.sqrt(fewest), 10, 50)))  # few images: wider bins
     for kind, name in ((NORMAL, "normal"), (ANOMALOUS, "anomalous")):
         ax.hist(scores[labels == kind], bins=bins, alpha=0.6, density=True, label=f"{name} ({(labels == kind).sum()})")
     ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="density (area 1 per kind)")

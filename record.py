@@ -16,6 +16,7 @@ what to do. train.py writes the record; evaluate.py reads it.
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from functools import cache
@@ -88,12 +89,17 @@ def teacher_name(name: str, path: Path, preset: str | None) -> str:
     return path.stem
 
 
+def slug(name: str) -> str:
+    """A name as it can stand in a folder name and be pasted into a shell: letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "_"
+
+
 def default_run_dir(backbone: str, teacher: str, data: str | None, cls: str, seed: int, image_size: int,
                     limit: int | None, epochs: int, recipe_epochs: int) -> Path:
     """runs/<backbone>-<teacher>[-<data folder>]-<class>-s<seed>, then what sets the run apart from the recipe:
     -<S>px (image size other than 224), -limit<N>, -<E>ep (epochs other than the recipe's). So a quick check and the
     real run never share a folder."""
-    parts = [backbone, teacher] + ([data] if data else []) + [cls, f"s{seed}"]
+    parts = [slug(backbone), slug(teacher)] + ([slug(data)] if data else []) + [slug(cls), f"s{seed}"]
     if image_size != 224:
         parts.append(f"{image_size}px")
     if limit:
@@ -117,15 +123,18 @@ class Run:
     def __str__(self):
         return str(self.path)
 
-    def open(self, settings: dict, resume: bool, overwrite: bool) -> bool:
+    def open(self, settings: dict, resume: bool, overwrite: bool, finished_ok: bool = False) -> bool:
         """Refuse to reuse the folder silently (another configuration, a finished or an unfinished run); returns
-        whether there is a saved state to continue from."""
+        whether there is a saved state to continue from. finished_ok (one job of many): the same run, finished
+        with at least settings["epochs"], is reported as done instead of refused."""
         run = self.path
         if run.exists() and not run.is_dir():
             raise RunError(f"--out {run} is a file, not a folder: choose another --out")
         if not (run / "config.json").exists():
             if resume:
-                print(f"nothing saved in {run} yet: starting this run from the beginning")
+                print(f"nothing saved in {run.resolve()} yet: starting this run from the beginning (to extend a run "
+                      f"trained for another number of epochs, pass its folder with --out: the default name carries "
+                      f"the epochs)")
             run.mkdir(parents=True, exist_ok=True)
             return False
         if overwrite:
@@ -142,7 +151,10 @@ class Run:
             raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
                            f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
         if not resume:
-            if (run / "results.json").exists():
+            done = self.results()
+            if finished_ok and done and done.get("epochs", 0) >= settings["epochs"]:
+                return True
+            if done:
                 raise RunError(f"{run} already holds this finished run (results.json): evaluate.py re-evaluates it, "
                                f"--overwrite trains it again")
             raise RunError(f"{run} already holds this run, unfinished: add --resume to continue it, or --overwrite "
@@ -259,16 +271,28 @@ class Snapshots:
 ## Finding finished runs (evaluate.py, tables).
 
 def run_folders(paths) -> list[Path]:
-    """The run folders among `paths`: a folder with a config.json is a run; a folder without one stands for the
-    run folders directly inside it (what `--cls all` writes). Raises RunError for a path that holds neither."""
-    found = []
+    """The run folders among `paths`, each once: a folder with a config.json is a run; a folder without one
+    stands for every run folder below it, at any depth (a --cls all folder, runs/ itself). Files among the paths
+    (a table.md caught by `runs/*`) are named and left out. Raises RunError for a path that does not exist or
+    holds no run."""
+    found, files = [], []
     for p in map(Path, paths):
-        if (p / "config.json").is_file():
+        if not p.exists():
+            raise RunError(f"{p} not found: pass a run folder written by train.py")
+        if p.is_file():
+            files.append(p)
+        elif (p / "config.json").is_file():
             found.append(p)
-            continue
-        inner = sorted(q.parent for q in p.glob("*/config.json")) if p.is_dir() else []
-        if not inner:
-            raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
-                           f"written by train.py")
-        found += inner
-    return found
+        else:
+            inner = sorted(q.parent for q in p.rglob("config.json"))
+            if not inner:
+                raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
+                               f"written by train.py")
+            found += inner
+    if files:
+        print(f"note: left out {len(files)} file{'s' * (len(files) > 1)} that {'are' if len(files) > 1 else 'is'} "
+              f"no run folder: {', '.join(map(str, files[:5]))}", file=sys.stderr)
+    unique = list({p.resolve(): p for p in found}.values())  # the same folder given twice counts once
+    if not unique:
+        raise RunError(f"no run folder among {', '.join(map(str, paths))}: pass folders written by train.py")
+    return unique

@@ -18,6 +18,7 @@ import cli
 
 if __name__ == "__main__":  # flags first: --help and a mistyped flag answer before torch's 5-second import
     cli.train_args(sys.argv[1:])
+    cli.quiet_interrupt()
 
 import os  # the rest waits for the flag check above
 import signal
@@ -158,7 +159,7 @@ def train_epoch(kdad, opt, data, prep, amp, args, epoch, done: dict, cache, stop
             seen += len(idx)
             if stop["requested"] or step % 50 == 49:
                 check_finite(losses, epoch, done["step"])
-            if step % 10 == 0:  # one device sync every 10 steps for the bar's loss, not one per step
+            if step % 10 == 0 or step + 1 == total:  # a device sync every 10 steps for the bar's loss, not each step
                 bar.set_postfix_str(f"loss {losses[-1].item():.4f}", refresh=False)
             if stop["requested"] and step + 1 < total:
                 bar.close()
@@ -218,7 +219,9 @@ def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
         if snaps.state["epoch"] > args.epochs:
             raise RunError(f"{snaps.path} is at epoch {snaps.state['epoch']}, past --epochs {args.epochs}: resume "
                            f"with --epochs {snaps.state['epoch']} or more")
-        print(f"resuming {run} at epoch {snaps.state['epoch'] + 1}, step {snaps.state['partial']['step']}")
+        at = snaps.state["epoch"]
+        print(f"resuming {run}: " + (f"all {at} epochs trained, scoring" if at == args.epochs else
+                                     f"at epoch {at + 1}, step {snaps.state['partial']['step']}"))
     cache = None
     if not (args.augment or args.no_cache or args.plain):
         cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, precision)
@@ -311,13 +314,14 @@ def is_cifar10(source) -> bool:
     return list(source.folders) == list(CIFAR10_CLASSES)
 
 
-def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Run) -> dict:
-    """Train and score one normal class into the run folder `run`; returns results.json's content."""
+def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Run, finished_ok=False) -> dict:
+    """Train and score one normal class into the run folder `run`; returns results.json's content. finished_ok:
+    the same run already finished is reported, not refused (one job of many; see Run.open)."""
     started = time.time()
     data = one_class_data(source, cls, args.seed, args.limit)
     if args.select == "val-auroc" and not data.val_has_anomalies:
-        raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only class "
-                       f"{data.class_name!r}: use --select final")
+        raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only the normal "
+                       f"images of {data.class_name!r}: use --select final")
     if args.knn_k > len(data.train):
         raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
                        f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
@@ -326,10 +330,11 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                  "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
                  "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
                  "optimizer": args.optimizer.__name__}
-    resume = run.open(settings, args.resume, args.overwrite)
+    resume = run.open(settings, args.resume, args.overwrite, finished_ok)
     done = run.results() if resume else None
     if done and done["epochs"] >= args.epochs:
-        print(f"class {done['cls']} ({done['class_name']}) already finished {done['epochs']} epochs: test AUROC "
+        epochs = f"{done['epochs']} epoch" + "s" * (done["epochs"] != 1)
+        print(f"class {done['cls']} ({done['class_name']}) already finished {epochs}: test AUROC "
               f"{done['test_auroc']:.4f} ({run}/results.json; --overwrite trains it again)")
         return done
     if done:
@@ -384,8 +389,8 @@ def prepare_teacher(args, device):
     print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
     if not preset and args.teacher_mean is None and str(getattr(teacher, "layout", "")).startswith(("timm",
                                                                                                       "huggingface")):
-        print(f"  note: normalising with the {teacher.layout} default mean/std; if this checkpoint was trained with "
-              f"others (e.g. timm's ImageNet-21k ViTs use 0.5), pass --teacher-mean/--teacher-std")
+        print(f"  note: normalising with the {teacher.layout} family's usual mean/std {teacher.cfg.mean}/"
+              f"{teacher.cfg.std}; a checkpoint trained with other values needs --teacher-mean/--teacher-std")
     if info["label_leak"]:
         print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
               f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
@@ -497,7 +502,7 @@ def run_jobs(args, rank: int, world: int, local_rank: int) -> int:
                   + (f", process {rank + 1}/{world}" if world > 1 else ""))
         try:
             run_class(Namespace(**vars(args), seed=job.seed), source, job.cls, teacher, info, device, precision,
-                      Run(job.run))
+                      Run(job.run), finished_ok=len(jobs) > 1)
         except Exception as e:  # Ctrl-C (KeyboardInterrupt, or Stop "interrupted ...") stops every job
             if len(jobs) == 1 or (isinstance(e, Stop) and str(e).startswith("interrupted")):
                 raise
@@ -554,4 +559,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.ready_for_interrupts()
     sys.exit(main())

@@ -219,3 +219,10 @@ def test_distilled_deit_is_refused_naming_what_it_is(tmp_path, library):
         sd = (transformers.DeiTForImageClassificationWithTeacher if head else transformers.DeiTModel)(config)
         sd = sd.state_dict()
     refused(load_vit, save(sd, tmp_path / "deit.safetensors"), "distilled DeiT", "distillation token")
+
+
+def test_a_pickled_whole_model_passed_as_teacher_says_what_to_do(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(torchvision_vit(), path)  # the model object, not its state_dict()
+    message = refused(load_vit, path, "is a pickled", "(a whole model)", "model.state_dict()")
+    assert "whole-converted.safetensors" not in message or str(tmp_path) not in message.split("convert weights.pth")[1]

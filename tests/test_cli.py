@@ -20,7 +20,8 @@ def imported_modules(*argv) -> tuple[set, subprocess.CompletedProcess]:
     return modules, proc
 
 
-@pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"],
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["evaluate.py", "--help"], ["bench.py", "--help"],
+                                  ["train.py", "--backbone", "vit", "--cls", "3", "--seed", "1", "1"],
                                   ["train.py", "--backbone", "resnet", "--cls", "3"],
                                   ["train.py", "--backbone", "vit", "--cls", "3", "--epochs", "0"],
                                   ["evaluate.py", "runs/x", "--batch-size", "0"]])

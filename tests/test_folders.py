@@ -602,7 +602,7 @@ def test_left_out_images_are_named_with_reasons_in_a_bounded_line(tmp_path, caps
     line = next(x for x in err.splitlines() if "train: skipped" in x)
     assert "train: skipped 8 unreadable image files: a/bad0.png (not an image Pillow can identify" in line
     assert line.endswith(" and 3 more")
-    assert "test: skipped 1 unreadable image files: a/cut.png (Pillow cannot decode it: " in err
+    assert "test: skipped 1 unreadable image file: a/cut.png (Pillow cannot decode it: " in err
     assert sorted(Path(p).name for p, _ in d.left_out) == [f"bad{i}.png" for i in range(8)] + ["cut.png"]
     assert len(d.train) + (d.val_labels == NORMAL).sum() == 20 and (d.test_labels == NORMAL).sum() == 3
     again = data.one_class_data(source, "b", seed=0)  # meets test/a/cut.png again, as an anomaly
@@ -619,10 +619,11 @@ def test_images_of_other_shapes_and_sizes_are_squared_visibly(tmp_path, capsys):
     capsys.readouterr()
     d = data.one_class_data(source, "a")
     err = capsys.readouterr().err
-    assert d.test.shape[1:] == (3, 37, 37) and d.train.shape[1:] == (3, SIZE, SIZE)
+    assert d.test.shape[1:] == (3, SIZE, SIZE) and d.train.shape[1:] == (3, SIZE, SIZE)  # the most common size
     assert "test: 1 image not square: resized to 37 px on the shorter side and center-cropped (e.g. b/wide.png)" in err
     assert "test: 1 image larger than 37x37: resized to it (e.g. b/big.png)" in err
-    assert "test: images of several sizes: 4 of 16x16 resized to 37x37" in err
+    assert f"test: images of several sizes: 2 of 37x37 resized to {SIZE}x{SIZE}, the most common size here" in err
     i = d.test_files.index(str(tmp_path / "test" / "b" / "wide.png"))
     want = Image.fromarray(wide).resize((74, 37), Image.BILINEAR).crop((18, 0, 55, 37))
+    want = want.resize((SIZE, SIZE), Image.BILINEAR)
     assert np.array_equal(d.test[i].permute(1, 2, 0).numpy(), np.asarray(want))

@@ -171,3 +171,46 @@ def test_training_speed_is_all_images_over_all_seconds(files, tmp_path):
     assert images == 3 * 27 and results["train_images"] == images
     assert results["train_images_per_s"] == pytest.approx(images / seconds)
     assert all(r["images_per_s"] == pytest.approx(r["images"] / r["seconds"]) for r in log)
+
+
+def test_run_folders_are_found_at_any_depth_once_and_files_are_named(tmp_path, capsys):
+    a = fake_run(tmp_path / "runs" / "vit-all-s0" / "3-cat", cls=3, name="cat")
+    b = fake_run(tmp_path / "runs" / "vgg-dog-s0", "vgg", cls=5, name="dog")
+    (tmp_path / "runs" / "table.md").write_text("an earlier table")
+    found = record.run_folders([tmp_path / "runs", a, *sorted((tmp_path / "runs").iterdir())])
+    assert sorted(found) == sorted([a, b])  # the --cls all folder two levels down, and nothing twice
+    assert "left out 1 file that is no run folder" in capsys.readouterr().err
+    with pytest.raises(record.RunError, match="not found"):
+        record.run_folders([tmp_path / "nowhere"])
+
+
+def test_the_same_seed_twice_is_refused_not_averaged(tmp_path):
+    first = fake_run(tmp_path / "a", cls=3, name="cat", seed=0)
+    copy = fake_run(tmp_path / "b", cls=3, name="cat", seed=0)  # e.g. a copy, or one run with --knn-k 0
+    with pytest.raises(record.RunError, match="are the same run .class cat, seed 0"):
+        evaluate.tables([first, copy])
+    (group,) = evaluate.tables([first, first])  # the same folder twice counts once
+    assert group["rows"][0]["runs"] == 1
+
+
+def test_no_published_figures_beside_a_limited_run(tmp_path):
+    run = fake_run(tmp_path / "r", cls=3, name="cat")
+    config = json.loads((run / "config.json").read_text())
+    config["settings"]["limit"] = 300  # the test set is not the protocol's
+    (run / "config.json").write_text(json.dumps(config))
+    (group,) = evaluate.tables([run])
+    assert group["published_label"] is None and group["rows"][0]["published"] is None
+
+
+def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert train.main(argv_for(files, out / "s0")) == 0
+    assert train.main(argv_for(files, out, "vit", "--seed", "0", "1")) == 0  # s0 exists, finished: reported
+    printed = capsys.readouterr().out
+    assert "already finished 1 epoch" in printed and "failed" not in printed
+    assert (out / "s1" / "results.json").is_file() and (out / "table.md").is_file()
+
+
+def test_default_names_can_be_pasted_into_a_shell():
+    assert record.default_run_dir("vit", "my teacher", "My Pets", "My Cat", 0, 224, None, 10, 10) == \
+        Path("runs/vit-my_teacher-My_Pets-My_Cat-s0")

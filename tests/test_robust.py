@@ -143,8 +143,8 @@ def test_unreadable_and_non_image_files_are_skipped_with_a_count(files, tmp_path
     (data / "train" / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     assert cli(argv_for(files, tmp_path / "r", data=data)) == 0
     captured = capsys.readouterr()
-    assert "train: skipped 1 files that are not images" in captured.err
-    assert "train: skipped 1 unreadable image files" in captured.err
+    assert "train: skipped 1 file that is not an image" in captured.err
+    assert "train: skipped 1 unreadable image file" in captured.err
     assert "train 27 normal images" in captured.out  # 30 readable bee images, 10% held out
 
 
@@ -181,7 +181,7 @@ def test_existing_run_folder_is_not_clobbered(files, tmp_path, capsys):
     fails(capsys, argv_for(files, out), "this finished run", "--overwrite trains it again")
     assert (out / "results.json").read_bytes() == results
     assert cli(argv_for(files, out, "vit", "--resume")) == 0  # finished: reports, changes nothing
-    assert "already finished 1 epochs" in capsys.readouterr().out
+    assert "already finished 1 epoch:" in capsys.readouterr().out
     assert (out / "results.json").read_bytes() == results
     assert cli(argv_for(files, out) + ["--lr", "1e-4", "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["settings"]["lr"] == 1e-4

@@ -73,7 +73,7 @@ def test_all_classes_end_with_a_table(files, tmp_path, capsys):
     assert run(files, out, "vgg", cls="all") == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0-ant", "1-bee", "2-cow"]
     md = (out / "table.md").read_text()
-    assert md.startswith("### vgg, teacher vgg, data data, 1 epochs") and "| mean |" in md
+    assert md.startswith("### vgg, teacher vgg, data data, 1 epoch,") and "| mean |" in md
     assert sum(line.startswith("| ") for line in md.splitlines()) == 1 + 3 + 1  # header, 3 classes, mean
     assert (out / "table.csv").read_text().startswith("group,class,name,test_auroc")
     assert "| 2 | cow |" in capsys.readouterr().out

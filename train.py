@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, resolve_teacher, save_tensors,
-                        sha256)
+from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher,
+                        save_tensors, sha256)
 from cli import RunError, autocast, pick_device, pick_precision, progress
 from data import CIFAR10_CLASSES, CROP_PCT, DataError, Preprocess, batches, class_index, one_class_data, open_source
 from distill import (KDAD, channels_last, image_embedding, load_teacher, make_student, place, student_config_for,
@@ -394,7 +394,20 @@ def prepare_teacher(args, device):
     if info["label_leak"]:
         print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
               f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
+    elif classifier_classes(path) == 10:
+        print("  note: this checkpoint carries a 10-class classifier head: if it was fine-tuned on CIFAR-10 (as the "
+              "reproduction's teacher was), it has seen the anomalies with labels")
     return teacher, info
+
+
+def classifier_classes(path) -> int | None:
+    """The number of classes of a checkpoint's classification head (HF `classifier`, timm `head` / `head.fc`,
+    torchvision `heads.head` / `classifier.6`), read from the file's header; None without one."""
+    header = read_header(path)
+    for key in ("classifier.weight", "head.weight", "head.fc.weight", "heads.head.weight", "classifier.6.weight"):
+        if key in header:
+            return header[key]["shape"][0]
+    return None
 
 
 def with_recipe(args):

@@ -59,6 +59,10 @@ def test_preset_is_fetched_once_converted_once_and_recorded(files, tmp_path, hub
     assert hub.gets == 1 and "converting" not in capsys.readouterr().out  # neither fetched nor converted twice
     assert train.main(["--teacher", str(converted)] + argv_for(files, tmp_path / "r3", cache)) == 0
     assert "fine-tuned on CIFAR-10 labels" in capsys.readouterr().out  # the same teacher, given by its path
+    renamed = tmp_path / "my-teacher.safetensors"  # converted by hand and renamed: its 10-class head still shows
+    renamed.write_bytes(converted.read_bytes())
+    assert train.main(["--teacher", str(renamed)] + argv_for(files, tmp_path / "r5", cache)) == 0
+    assert "carries a 10-class classifier head" in capsys.readouterr().out
 
     hub.close()  # no network now: the cached file still serves
     assert train.main(argv_for(files, tmp_path / "r4", cache)) == 0

@@ -66,6 +66,19 @@ COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alo
 ## --------------------------------------------------------------------------------------------------------
 ## Scoring and AUROC.
 
+def over_images(fn, images, prep: Preprocess, amp, batch_size: int, desc: str, plain=False) -> list:
+    """fn(x) for each preprocessed, center-cropped batch x of uint8 images (N, 3, h, w), in order, under the
+    precision's autocast, with a progress bar; returns the results as a list, one per batch."""
+    out = []
+    n = (len(images) + batch_size - 1) // batch_size
+    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep, plain), n,
+                  desc) as bar:
+        for _, x in bar:
+            with amp():
+                out.append(fn(x))
+    return out
+
+
 @torch.inference_mode()
 def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, train_taps=False, plain=False,
                  embed=False):
@@ -73,31 +86,17 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
     student in one pass per batch. embed=True returns (scores, embeddings): the teacher's global image features
     (N, D) float32 from the same passes (distill.image_embedding), for the kNN baseline."""
     kdad.student.eval()
-    order = torch.arange(len(images))
-    scores, embeddings = [], []
-    n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, order, prep.center(len(images)), batch_size, prep, plain), n,
-                  "scoring") as bar:
-        for _, x in bar:
-            with amp():
-                score, embedding = kdad.score_and_embedding(x, train_taps)
-            scores.append(score.float().cpu())
-            embeddings.append(embedding.float().cpu())
-    scores = torch.cat(scores) if scores else torch.zeros(0)
-    return (scores, torch.cat(embeddings)) if embed else scores
+    parts = over_images(lambda x: [t.float().cpu() for t in kdad.score_and_embedding(x, train_taps)], images, prep,
+                        amp, batch_size, "scoring", plain)
+    scores = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0)
+    return (scores, torch.cat([p[1] for p in parts])) if embed else scores
 
 
 @torch.inference_mode()
 def teacher_embeddings(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, plain=False) -> torch.Tensor:
     """(N, D) float32 CPU teacher image features of uint8 images, center-cropped: a teacher-only pass."""
-    out = []
-    n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep,
-                          plain), n, "teacher features") as bar:
-        for _, x in bar:
-            with amp():
-                out.append(kdad.teacher_pass(x, ())[1].float().cpu())
-    return torch.cat(out)
+    return torch.cat(over_images(lambda x: kdad.teacher_pass(x, ())[1].float().cpu(), images, prep, amp, batch_size,
+                                 "teacher features", plain))
 
 
 def knn_aurocs(bank: torch.Tensor, val_embedding: torch.Tensor, test_embedding: torch.Tensor, data, k: int) -> dict:
@@ -141,14 +140,7 @@ def anomaly_maps(kdad: KDAD, images, prep: Preprocess, amp, kind: str, batch_siz
     """(N, S, S) float32 CPU anomaly maps of uint8 images (N, 3, h, w), center-cropped, of kind 'mismatch' or
     'gradient' (KDAD.map); the gradient needs a backward pass per batch, hence the small default batch."""
     kdad.student.eval()
-    out = []
-    n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep), n,
-                  f"{kind} maps") as bar:
-        for _, x in bar:
-            with amp():
-                out.append(kdad.map(x, kind).cpu())
-    return torch.cat(out)
+    return torch.cat(over_images(lambda x: kdad.map(x, kind).cpu(), images, prep, amp, batch_size, f"{kind} maps"))
 
 
 def pixel_auroc(maps, masks) -> float | None:

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import torch
 
-from data import Preprocess, batches, open_source
-from distill import KDAD, make_student, taps_for
+from cache import feature_cache
 from cli import autocast, pick_device, pick_precision
-from train import RECIPES, feature_cache, train_step
+from data import Preprocess, batches
+from distill import KDAD, make_student, taps_for
+from folders import open_source
+from train import RECIPES, train_step
 from vgg import VGG
 from vit import ViT, ViTConfig, set_fused_attn
 

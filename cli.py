@@ -29,6 +29,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+## --------------------------------------------------------------------------------------------------------
+## Messages: what a run leaves out or changes is said once, in one line with a bounded list of names.
+
+SHOWN = 5  # at most this many names in one printed line; the full lists go into config.json
+
+
+def note(message: str):
+    """Everything left out or changed is said once, on stderr, beside the run's own output."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def counted(n: int, one: str, many: str) -> str:
+    """'1 file that is not an image' / '3 files that are not images'."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def named(items, shown=SHOWN) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more': a bounded list of names for one printed line."""
+    items = [str(i) for i in items]
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 def quiet_interrupt():
     """Until the script's own handling starts: Ctrl-C ends the process with one line, not a traceback from inside
     an import (nothing has been written yet). The script puts Python's default handler back when it is ready."""

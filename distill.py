@@ -87,9 +87,8 @@ def distillation_loss(student_feats: list, teacher_feats: list, lam: float = LAM
 ##     m_l = (1 - cos(s_l, t_l)) + lambda * mean_C((s_l - t_l)^2)
 ## as student-teacher localisation does (STPM, Wang et al. 2021, arXiv 2103.04257, compares the normalised vectors
 ## position by position). Each score tap's map is upsampled (bilinear) to the image and the taps' maps are summed.
-## Where the student imitates the teacher, m_l is near 0 whatever the size of the features there. (An earlier
-## version split the image's score exactly into per-location shares; a share weighs a location by its feature
-## magnitude, and on generated MVTec-style defects it marked the defects *less* anomalous than their surroundings.)
+## Where the student imitates the teacher, m_l is near 0 whatever the size of the features there. (Splitting the
+## image's score exactly into per-location shares would weigh each location by its feature magnitude instead.)
 
 def location_scores(s: torch.Tensor, t: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
     """(B, L) float32: the score's formula at each location; s, t are (B, C, H, W) (L = H*W, vectors of C
@@ -125,20 +124,25 @@ class KDAD:
     def __init__(self, teacher, student, taps: Taps, lam: float = LAMBDA):
         self.teacher, self.student, self.taps, self.lam = teacher, student, taps, lam
 
-    def teacher_pass(self, x, indices: tuple) -> tuple[list, torch.Tensor]:
-        """One frozen-teacher forward: the tapped features and the global image feature (image_embedding)."""
-        with torch.no_grad():  # the teacher is frozen: its features are targets, not part of the graph
-            outputs = self.teacher(x)
-            return tapped(outputs, indices), image_embedding(self.teacher, outputs[-1])
-
     def teacher_features(self, x, indices: tuple) -> list:
-        return self.teacher_pass(x, indices)[0]
+        """The frozen teacher's features at the tapped outputs `indices`."""
+        with torch.no_grad():  # the teacher is frozen: its features are targets, not part of the graph
+            return tapped(self.teacher(x), indices)
 
     def loss(self, x, teacher_feats: list | None = None) -> torch.Tensor:
         """Training loss of a batch; teacher_feats (training taps) may come from a cache instead."""
         if teacher_feats is None:
             teacher_feats = self.teacher_features(x, self.taps.train_teacher)
         return distillation_loss(tapped(self.student(x), self.taps.train_student), teacher_feats, self.lam)
+
+    def score(self, x, train_taps: bool = False) -> torch.Tensor:
+        """Per-image anomaly score (B,) float32 of a preprocessed batch x: the loss's formula, per image, over the
+        score taps; train_taps=True gives the per-image training loss instead."""
+        t = self.taps
+        s_idx, t_idx = (t.train_student, t.train_teacher) if train_taps else (t.score_student, t.score_teacher)
+        return anomaly_score(tapped(self.student(x), s_idx), self.teacher_features(x, t_idx), self.lam)
+
+
 
     def anomaly_map(self, x) -> torch.Tensor:
         """(B, S, S) mismatch map over the score taps for a preprocessed batch x of size S (anomaly_map)."""
@@ -169,38 +173,6 @@ class KDAD:
             return self.gradient_map(x).float()
         with torch.inference_mode():
             return self.anomaly_map(x).float()
-
-    def score_and_embedding(self, x, train_taps: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image anomaly score (B,) and the teacher's global image feature (B, D) from the same teacher pass;
-        train_taps=True gives the per-image training loss instead of the score."""
-        t = self.taps
-        s_idx, t_idx = (t.train_student, t.train_teacher) if train_taps else (t.score_student, t.score_teacher)
-        teacher_feats, embedding = self.teacher_pass(x, t_idx)
-        return anomaly_score(tapped(self.student(x), s_idx), teacher_feats, self.lam), embedding
-
-    def score(self, x, train_taps: bool = False) -> torch.Tensor:
-        """Per-image anomaly score (B,); train_taps=True gives the per-image training loss instead."""
-        return self.score_and_embedding(x, train_taps)[0]
-
-
-## --------------------------------------------------------------------------------------------------------
-## The teacher alone: one global feature per image, for the kNN baseline that shows what distillation adds
-## (evaluate.knn_scores). No training: a frozen pretrained network and the normal training images are all it uses.
-
-def image_embedding(teacher, last: torch.Tensor) -> torch.Tensor:
-    """(B, D) float32 global image feature from the teacher's last output `last` (no gradient).
-
-    - ViT, last = (B, tokens, D): the CLS token after the final LayerNorm, the representation of the whole image
-      that a ViT's classification head reads (Dosovitskiy et al. 2021, eq. 4) and that DINO's k-NN evaluation
-      and Transformaly's pretrained-feature score use; a checkpoint without a final LayerNorm gives the raw token.
-    - VGG16, last = pool5 (B, 512, H/32, W/32): averaged over its positions, the global-average-pooled last
-      feature map that DN2 and PANDA take from their ResNets (Bergman et al. 2020, arXiv 2002.10445; Reiss et al.
-      2021, arXiv 2010.05903)."""
-    if last.dim() == 4:
-        return last.float().mean(dim=(2, 3))
-    norm = getattr(teacher, "norm", None)
-    cls = last[:, 0]
-    return (norm(cls) if norm is not None else cls).float()
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import write_atomically
+from checkpoint import save_tensors, write_atomically
 from cli import RunError
 
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
@@ -224,8 +224,18 @@ class Snapshots:
     """The resumable state in run/state.pt: weights, optimiser, schedule, position, RNG, history."""
 
     def __init__(self, run: Run, student, opt, sched, device):
-        self.path, self.student, self.opt, self.sched, self.device = run.path / "state.pt", student, opt, sched, device
+        self.run, self.path = run, run.path / "state.pt"
+        self.student, self.opt, self.sched, self.device = student, opt, sched, device
         self.state = {"epoch": 0, "partial": fresh_epoch(), "history": [], "best": None, "rng": None}
+
+    def resume(self, epochs: int):
+        """Continue from state.pt: load it, check it is not past `epochs` (RunError), and say where it stands."""
+        self.load()
+        at = self.state["epoch"]
+        if at > epochs:
+            raise RunError(f"{self.path} is at epoch {at}, past --epochs {epochs}: resume with --epochs {at} or more")
+        print(f"resuming {self.run}: " + (f"all {at} epochs trained, scoring" if at == epochs else
+                                          f"at epoch {at + 1}, step {self.state['partial']['step']}"))
 
     def load(self):
         try:  # to the CPU first: load_state_dict puts each tensor where its parameter lives
@@ -245,6 +255,17 @@ class Snapshots:
         state = self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                               "scheduler": self.sched.state_dict()}
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
+
+    def end_epoch(self, epoch: int, record: dict):
+        """After epoch `epoch` (1-based): its figures into the history and log.jsonl, the state into state.pt, and,
+        when record has a validation AUROC better than any before, the student into best.safetensors."""
+        best = self.state["best"]
+        if "val_auroc" in record and (best is None or record["val_auroc"] > best["val_auroc"]):
+            self.state["best"] = {"epoch": epoch, "val_auroc": record["val_auroc"]}
+            save_tensors(self.student.state_dict(), self.run.path / "best.safetensors")
+        self.state["history"].append(record)
+        self.save(epoch, fresh_epoch())
+        self.run.end_epoch(epoch, self.state["history"])
 
     def restore_rng(self, epoch_seed: int):
         """Dropout draws from the global generator: seed it at the start of an epoch, or restore it mid-epoch."""

@@ -9,6 +9,7 @@ import torchvision.transforms.v2.functional as TF
 import data
 from data import ANOMALOUS, NORMAL, Augment, Preprocess, batches, center, random_augment, stratified_split
 from helpers import image_folder
+import folders
 
 CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -25,7 +26,7 @@ def test_stratified_split_is_seeded_and_stratified():
 
 def test_one_class_protocol(tmp_path):
     root = image_folder(tmp_path / "d", n_train=40, n_test=10)
-    source = data.open_source(root, image_size=32)
+    source = folders.open_source(root, image_size=32)
     d = data.one_class_data(source, "bee", seed=0)
     assert d.normal_class == 1 and d.class_name == "bee"
     # train: normal class only, 90% of it; val: 10% of every class, labelled
@@ -40,7 +41,7 @@ def test_one_class_protocol(tmp_path):
 
 
 def test_limit_keeps_both_kinds(tmp_path):
-    source = data.open_source(image_folder(tmp_path / "d", n_train=40, n_test=10), image_size=32)
+    source = folders.open_source(image_folder(tmp_path / "d", n_train=40, n_test=10), image_size=32)
     d = data.one_class_data(source, 0, seed=0, limit=7)
     assert len(d.train) == 7 and len(d.test) == 7 and len(d.val) == 7
     assert set(d.test_labels.tolist()) == {NORMAL, ANOMALOUS} == set(d.val_labels.tolist())
@@ -49,11 +50,11 @@ def test_limit_keeps_both_kinds(tmp_path):
 
 
 def test_class_names_and_indices(tmp_path):
-    source = data.open_source(image_folder(tmp_path / "d"), image_size=32)
-    assert data.class_index(source, "cow") == data.class_index(source, "2") == 2
+    source = folders.open_source(image_folder(tmp_path / "d"), image_size=32)
+    assert folders.class_index(source, "cow") == folders.class_index(source, "2") == 2
     for bad in ("horse", "3", "-1"):
         with pytest.raises(data.DataError, match="0=ant, 1=bee, 2=cow"):
-            data.class_index(source, bad)
+            folders.class_index(source, bad)
 
 
 @pytest.mark.parametrize("augment", [False, True])
@@ -97,7 +98,7 @@ def test_augment_slices_follow_the_order():
 
 @pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason="../shared/data/cifar10-jpeg not present")
 def test_real_cifar10_folder():
-    source = data.open_source(CIFAR_JPEG, image_size=224)
+    source = folders.open_source(CIFAR_JPEG, image_size=224)
     assert source.classes == list(data.CIFAR10_CLASSES) and source.normal_classes == list(range(10))
     assert source.test_only == [] and source.skipped == []
     assert len(source.labels["train"]) == 50_000 and len(source.labels["test"]) == 10_000
@@ -116,7 +117,7 @@ def test_torchvision_cifar10_source(monkeypatch, tmp_path):
             self.data = np.random.default_rng(int(train)).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
             self.targets = [i % 10 for i in range(n)]
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    source = data.open_source(None, tmp_path, image_size=32)
+    source = folders.open_source(None, tmp_path, image_size=32)
     d = data.one_class_data(source, "cat", seed=0)
     assert d.class_name == "cat" and len(d.train) == 9 and d.train.shape[1:] == (3, 32, 32)
     assert (d.test_labels == NORMAL).sum() == 2 and len(d.test) == 20
@@ -127,5 +128,5 @@ def test_torchvision_cifar10_source(monkeypatch, tmp_path):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(data.DataError, match="could not get CIFAR-10 into .* without network, see 'Without "
                                              "network' in the README: --data-dir takes an image folder"):
-        data.open_source(None, tmp_path / "data", image_size=32)
+        folders.open_source(None, tmp_path / "data", image_size=32)
     assert not (tmp_path / "data").exists()  # a failed first download leaves no empty folder behind

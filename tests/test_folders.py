@@ -15,6 +15,8 @@ import data
 import train
 from data import ANOMALOUS, NORMAL, DataError
 from helpers import vit_teacher_file
+from images import UnreadableImage, read_image
+import folders
 
 SIZE = 16  # generated images are 16 x 16 unless a case needs another shape: stored as they are (<= 37 px)
 
@@ -28,8 +30,8 @@ def make_folder(root, layout: dict) -> dict:
     """root/<split>/<folder>/<i>.png with n images per folder, from {split: {folder: n}}; returns
     {pixel bytes: (split, folder, file name)} to recognise every image that comes back."""
     seen, seed = {}, 0
-    for split, folders in layout.items():
-        for name, n in folders.items():
+    for split, classes in layout.items():
+        for name, n in classes.items():
             (Path(root) / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 seed += 1
@@ -44,7 +46,7 @@ def origins(images: torch.Tensor, seen: dict) -> list:
 
 
 def source_of(root):
-    return data.open_source(root, image_size=32)
+    return folders.open_source(root, image_size=32)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -62,19 +64,19 @@ def test_numbered_class_folders_pick_the_folder_of_that_name(tmp_path):
     assert (d.test_labels == NORMAL).sum() == 3 and (d.test_labels == ANOMALOUS).sum() == 33
     assert [o[1] for o, y in zip(origins(d.test, seen), d.test_labels) if y == NORMAL] == ["10"] * 3
     assert d.summary().startswith("class 10 (folder '10'): train 9 normal images")
-    assert data.class_index(source, "index:10") == data.class_index(source, 10) == 10
+    assert folders.class_index(source, "index:10") == folders.class_index(source, 10) == 10
 
 
 def test_numbers_in_a_numbered_folder_are_names_and_gaps_are_refused(tmp_path):
     make_folder(tmp_path, {"train": {"1": 10, "2": 10, "3": 10}, "test": {"1": 2, "2": 2, "3": 2}})
     source = source_of(tmp_path)
-    assert [data.class_index(source, c) for c in ("1", "2", "3")] == [0, 1, 2]  # folder '2' is class 1
-    assert data.class_index(source, "index:2") == 2 and data.class_index(source, "name:2") == 1
+    assert [folders.class_index(source, c) for c in ("1", "2", "3")] == [0, 1, 2]  # folder '2' is class 1
+    assert folders.class_index(source, "index:2") == 2 and folders.class_index(source, "name:2") == 1
     with pytest.raises(DataError, match=r"--cls 0 is ambiguous: the class folders are named by numbers and none is "
                                         r"'0': write --cls index:0 for class 0 \(folder '1'\)"):
-        data.class_index(source, "0")
+        folders.class_index(source, "0")
     with pytest.raises(DataError, match=r"no class '7': choose an index 0-2 or a name \(0=1, 1=2, 2=3\)"):
-        data.class_index(source, "7")
+        folders.class_index(source, "7")
 
 
 def test_a_number_naming_one_folder_and_indexing_another_is_refused(tmp_path):
@@ -85,9 +87,9 @@ def test_a_number_naming_one_folder_and_indexing_another_is_refused(tmp_path):
     assert source.classes == ["3", "ant", "bee", "cow"]
     with pytest.raises(DataError, match=r"--cls 3 is ambiguous: folder '3' is class 0, and class 3 is folder 'cow': "
                                         r"write --cls name:3 or --cls index:3"):
-        data.class_index(source, "3")
-    assert data.class_index(source, "name:3") == 0 and data.class_index(source, "index:3") == 3
-    assert data.class_index(source, "2") == 2  # no folder '2': an index
+        folders.class_index(source, "3")
+    assert folders.class_index(source, "name:3") == 0 and folders.class_index(source, "index:3") == 3
+    assert folders.class_index(source, "2") == 2  # no folder '2': an index
 
 
 def test_the_ambiguous_refusal_is_one_line_from_train_py(tmp_path, capsys):
@@ -118,7 +120,7 @@ def test_test_only_folders_are_anomalous_and_counted(tmp_path):
         assert Path(f) == tmp_path / split / folder / name and (y == NORMAL) == (folder == "cat")
     with pytest.raises(DataError, match="folder 'truck' is only in test/.*can only be anomalous: choose one of "
                                         "0=cat, 1=dog"):
-        data.class_index(source, "truck")
+        folders.class_index(source, "truck")
 
 
 def test_good_and_defect_folders_validate_on_normal_images_only(tmp_path):
@@ -145,7 +147,7 @@ def test_a_class_without_test_images_gives_validation_anomalies_only(tmp_path):
     assert d.val_anomalous == {"b": 2, "c": 2} and d.test_anomalous == {"b": 3}
     with pytest.raises(DataError, match="class 'c' has no images in test/ .* it can only be an anomaly in "
                                         "validation"):
-        data.class_index(source, "c")
+        folders.class_index(source, "c")
 
 
 def test_too_few_images_for_a_validation_image(tmp_path):
@@ -177,22 +179,22 @@ def test_numbers_keep_their_cifar10_meaning_or_are_refused(tmp_path):
     for name, classes in (("no_airplane", no_airplane), ("no_truck", no_truck), ("two", ["cat", "dog"])):
         make_folder(tmp_path / name, {"train": {n: 10 for n in classes}, "test": {n: 1 for n in classes}})
     source = source_of(tmp_path / "no_truck")
-    assert data.class_index(source, "3") == 3 and source.classes[3] == "cat"  # the same class either way
+    assert folders.class_index(source, "3") == 3 and source.classes[3] == "cat"  # the same class either way
     source = source_of(tmp_path / "no_airplane")
     with pytest.raises(DataError, match=r"--cls 3 is ambiguous: on CIFAR-10, 3 is cat \(class 2 here\), and here "
                                         r"class 3 is folder 'deer': write --cls cat or --cls index:3"):
-        data.class_index(source, "3")
-    assert data.class_index(source, "cat") == 2 and data.class_index(source, "index:3") == 3
+        folders.class_index(source, "3")
+    assert folders.class_index(source, "cat") == 2 and folders.class_index(source, "index:3") == 3
     source = source_of(tmp_path / "two")
     with pytest.raises(DataError, match=r"--cls 0 is ambiguous: on CIFAR-10, 0 is airplane \(not among these "
                                         r"folders\), and here class 0 is folder 'cat': write --cls cat or --cls "
                                         r"index:0"):
-        data.class_index(source, "0")
+        folders.class_index(source, "0")
     with pytest.raises(DataError, match=r"--cls 3: on CIFAR-10, 3 is cat \(class 0 here\), and there is no class 3 "
                                         r"here: write --cls cat"):
-        data.class_index(source, "3")
+        folders.class_index(source, "3")
     with pytest.raises(DataError, match="no class '8'"):
-        data.class_index(source, "8")  # ship: in neither
+        folders.class_index(source, "8")  # ship: in neither
 
 
 def test_entries_that_are_not_classes_are_named_once_and_shift_nothing(tmp_path, capsys):
@@ -241,8 +243,8 @@ def test_entries_that_are_not_classes_are_named_once_and_shift_nothing(tmp_path,
 
 def test_names_sort_as_a_person_reads_them():
     names = ["img10", "img2", "Img1", "b", "A", "10", "9", "x1y10", "x1y9"]
-    assert sorted(names, key=data.natural_key) == ["9", "10", "A", "b", "Img1", "img2", "img10", "x1y9", "x1y10"]
-    assert data.class_order(sorted(data.CIFAR10_CLASSES, reverse=True)) == list(data.CIFAR10_CLASSES)
+    assert sorted(names, key=folders.natural_key) == ["9", "10", "A", "b", "Img1", "img2", "img10", "x1y9", "x1y10"]
+    assert folders.class_order(sorted(data.CIFAR10_CLASSES, reverse=True)) == list(data.CIFAR10_CLASSES)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_every_exif_orientation_is_undone(tmp_path, fmt, kw, orientation):
     upright = picture(orientation, 10, 6)  # a portrait: a turn shows in the shape, a mirror in the pixels
     stored = np.ascontiguousarray(ORIENTED[orientation](upright))
     Image.fromarray(stored).save(tmp_path / f"x.{fmt}", exif=exif_orientation(orientation), **kw)
-    a, notes = data.read_image(tmp_path / f"x.{fmt}")
+    a, notes = read_image(tmp_path / f"x.{fmt}")
     assert np.array_equal(a, upright)
     assert ("turned upright by the EXIF orientation" in notes) == (orientation != 1)
 
@@ -278,7 +280,7 @@ def test_sideways_portrait_jpeg_is_read_upright(tmp_path):
                                                                  exif=exif_orientation(6))
     with Image.open(tmp_path / "p.jpg") as im:
         as_stored = np.asarray(im.convert("RGB"))  # the same JPEG decoder, orientation ignored: (32, 64, 3)
-    a, _ = data.read_image(tmp_path / "p.jpg")
+    a, _ = read_image(tmp_path / "p.jpg")
     assert a.shape == (64, 32, 3) and np.array_equal(a, np.rot90(as_stored, -1))
     # through a folder: a square image keeps every pixel, turned upright
     make_folder(tmp_path / "d", {"train": {"dog": 10}, "test": {"dog": 3}})
@@ -513,7 +515,7 @@ KINDS = ["palette_transparent.png", "rgba.png", "la.png", "rgb_colour_key.png", 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_of_file_reads_as_a_viewer_shows_it(tmp_path, kind):
     want, expected_note = case(kind, tmp_path / kind)
-    a, notes = data.read_image(tmp_path / kind)
+    a, notes = read_image(tmp_path / kind)
     assert a.dtype == np.uint8 and a.shape == want.shape
     # Pillow's and littlecms's integer rounding; the CMYK table holds L* in 8 bits (steps of 0.4)
     tolerance = {"cmyk.tiff": 1, "ycbcr.tiff": 1, "linear_profile.png": 1, "palette_profile.png": 1,
@@ -570,23 +572,23 @@ def test_files_that_cannot_be_shown_are_refused_with_the_reason(tmp_path, kind, 
         p.write_text("<html>not found</html>")
     else:
         p.write_bytes(b"")
-    with pytest.raises(data.UnreadableImage, match=reason.replace(".", r"\.")):
-        data.read_image(p)
+    with pytest.raises(UnreadableImage, match=reason.replace(".", r"\.")):
+        read_image(p)
 
 
 def test_decompression_bomb_is_named_with_its_size(tmp_path, monkeypatch):
     """A 14000 x 14000 PNG (196 megapixels) is over Pillow's limit (2 x 89.5): left out with that reason."""
     Image.new("1", (14000, 14000)).save(tmp_path / "big.png")  # 1-bit zeros: a small file, 25 MB in memory
-    with pytest.raises(data.UnreadableImage, match=r"14000x14000 = 196 megapixels is over Pillow's "
+    with pytest.raises(UnreadableImage, match=r"14000x14000 = 196 megapixels is over Pillow's "
                                                    r"decompression-bomb limit of 179 megapixels"):
-        data.read_image(tmp_path / "big.png")
+        read_image(tmp_path / "big.png")
     assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's own limit, left as it was
     # between once and twice the limit Pillow only warns and reads it: so does read_image, without the warning
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
     Image.fromarray(picture(3)).save(tmp_path / "256px.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        a, _ = data.read_image(tmp_path / "256px.png")
+        a, _ = read_image(tmp_path / "256px.png")
     assert np.array_equal(a, picture(3))
 
 

@@ -8,11 +8,12 @@ import torch
 
 import evaluate
 import train
-from distill import image_embedding
-from evaluate import knn_scores
+from knn import image_embedding
+from knn import knn_scores
 from helpers import image_folder, vgg16_file, vit_teacher_file
 from vgg import VGG
 from vit import ViT, ViTConfig
+import tables
 
 
 def brute_force_knn(bank, queries, k):
@@ -81,7 +82,7 @@ def test_results_printed_line_and_table_carry_the_baseline(files, tmp_path, caps
     assert f"(teacher kNN alone {results['knn_test_auroc']:.4f})" in printed
     again = evaluate.evaluate_run(out, torch.device("cpu"))
     assert again["knn_test_auroc"] == pytest.approx(results["knn_test_auroc"], abs=1e-6)
-    (group,) = evaluate.tables([out])
+    (group,) = tables.tables([out])
     assert "teacher kNN alone (%)" in group["markdown"]
     assert group["rows"][0]["knn_test_auroc"] == pytest.approx(100 * results["knn_test_auroc"])
 
@@ -99,7 +100,7 @@ def test_knn_k_zero_skips_it_and_too_large_k_is_refused(files, tmp_path, capsys)
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert not any(k.startswith("knn") for k in results)
     assert "teacher kNN" not in capsys.readouterr().out
-    (group,) = evaluate.tables([tmp_path / "r"])
+    (group,) = tables.tables([tmp_path / "r"])
     assert group["rows"][0]["knn_test_auroc"] is None
     assert run(files, tmp_path / "r2", "vit", "--knn-k", "28") == 2  # 27 training images
     assert "--knn-k 28 needs at least 28 training images" in capsys.readouterr().err

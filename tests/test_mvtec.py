@@ -13,6 +13,8 @@ import data
 import evaluate
 import train
 from helpers import vgg16_file
+from mvtec import square_mask
+import folders
 
 
 def mvtec_folder(root, categories=("grid", "bottle"), n_train=12, n_good=3, defects=("crack", "hole"), n_defect=3,
@@ -123,7 +125,7 @@ def test_masks_are_paired_by_name_and_grayscale_reads_as_rgb(tmp_path, capsys):
     (crack / "000.png").unlink()  # an image gone: pairing by order would shift every later mask
     (Path(root) / "grid" / "ground_truth" / "hole" / "notes.txt").write_text("x")
     (Path(root) / "license.txt").write_text("CC BY-NC-SA 4.0")
-    source = data.open_source(root, image_size=40, crop_pct=1.0, dataset="mvtec")
+    source = folders.open_source(root, image_size=40, crop_pct=1.0, dataset="mvtec")
     assert source.classes == ["bottle", "grid"]
     err = capsys.readouterr().err
     assert "license.txt" in err and "left out 1 entry that is not a category" in err
@@ -144,7 +146,7 @@ def test_masks_are_paired_by_name_and_grayscale_reads_as_rgb(tmp_path, capsys):
 
 def test_masks_follow_the_images_geometry(tmp_path):
     root, drawn = mvtec_folder(tmp_path / "mvtec", categories=("bottle",), size=64)
-    source = data.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec")
+    source = folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec")
     d = data.one_class_data(source, "bottle")
     assert d.test.shape[-2:] == (32, 32) and d.test_masks.shape[-2:] == (32, 32)
     for i, f in enumerate(d.test_files):
@@ -159,25 +161,25 @@ def test_a_thin_scratch_survives_the_resize():
     spot = np.zeros((1024, 1024), dtype=np.float32)
     spot[10:13, 10:13] = 1
     for mask in (scratch, spot):
-        small = data.square_mask(mask, 128)
+        small = square_mask(mask, 128)
         assert small.any() and small.sum() <= 2 * mask.sum() / 64 + 2 * 128  # found, and not much larger
 
 
 def test_layout_problems_are_one_line(tmp_path):
     root, _ = mvtec_folder(tmp_path / "mvtec", categories=("bottle",))
     with pytest.raises(data.DataError, match="is one category: pass the folder holding the categories"):
-        data.open_source(Path(root) / "bottle", image_size=32, crop_pct=1.0, dataset="mvtec")
+        folders.open_source(Path(root) / "bottle", image_size=32, crop_pct=1.0, dataset="mvtec")
     with pytest.raises(data.DataError, match="looks like an MVTec AD folder: add --dataset mvtec"):
-        data.open_source(root, image_size=32)  # an MVTec root read as an image folder
+        folders.open_source(root, image_size=32)  # an MVTec root read as an image folder
     cifar_like = tmp_path / "pets"
     (cifar_like / "train" / "cat").mkdir(parents=True)
     with pytest.raises(data.DataError, match="an image folder, not MVTec AD: drop --dataset mvtec"):
-        data.open_source(cifar_like, image_size=32, crop_pct=1.0, dataset="mvtec")
+        folders.open_source(cifar_like, image_size=32, crop_pct=1.0, dataset="mvtec")
     with pytest.raises(data.DataError, match="needs --data-dir"):
-        data.open_source(None, image_size=32, dataset="mvtec")
+        folders.open_source(None, image_size=32, dataset="mvtec")
     mask = Path(root) / "bottle" / "ground_truth" / "hole" / "001_mask.png"
     mask.rename(mask.with_name("x.png"))
-    source = data.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec")
+    source = folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec")
     with pytest.raises(data.DataError, match=r"test image test/hole/001.png has no mask: expected "
                                              r"ground_truth/hole/001_mask.png"):
         data.one_class_data(source, "bottle")

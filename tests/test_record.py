@@ -10,6 +10,7 @@ import record
 import train
 from data import CIFAR10_CLASSES
 from helpers import image_folder, vgg16_file, vit_teacher_file
+import tables
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +49,27 @@ def fake_run(folder: Path, backbone="vgg", cls=3, name="cat", auroc=0.8, seed=0,
 def test_published_column_only_for_cifar10_matched_by_name(tmp_path):
     custom = [fake_run(tmp_path / "pets" / f"{i}-{n}", cls=i, name=n, data_dir="/x/pets", cifar10=False,
                        classes=("cat", "dog")) for i, n in enumerate(("cat", "dog"))]
-    (group,) = evaluate.tables(custom)
+    (group,) = tables.tables(custom)
     assert group["published_label"] is None and all(r["published"] is None for r in group["rows"])
     assert "90.53" not in group["markdown"]  # the paper's airplane figure beside 'cat' (the reported bug)
 
     cifar = [fake_run(tmp_path / "c10" / f"{i}-{n}", cls=i, name=n) for i, n in ((3, "cat"), (8, "ship"))]
-    (group,) = evaluate.tables(cifar)
+    (group,) = tables.tables(cifar)
     assert [r["published"] for r in group["rows"][:2]] == [77.02, 91.45]  # cat and ship in the paper's table
     assert "Salehi et al. 2021" in group["markdown"] and "shared/docs" not in group["markdown"]
 
 
 def test_runs_of_different_backbones_are_not_averaged(tmp_path, capsys):
     runs = [fake_run(tmp_path / "vgg", "vgg", auroc=0.52), fake_run(tmp_path / "vit", "vit", auroc=0.55)]
-    groups = evaluate.tables(runs)
+    groups = tables.tables(runs)
     assert len(groups) == 2
     assert sorted(g["rows"][0]["test_auroc"] for g in groups) == pytest.approx([52.0, 55.0])
     assert all(g["rows"][0]["runs"] == 1 and g["rows"][0]["std"] is None for g in groups)
     seeds = [fake_run(tmp_path / f"s{s}", "vgg", auroc=a, seed=s) for s, a in ((0, 0.5), (1, 0.6))]
-    (group,) = evaluate.tables(seeds)  # the same experiment with two seeds: mean and std
+    (group,) = tables.tables(seeds)  # the same experiment with two seeds: mean and std
     assert group["rows"][0]["runs"] == 2 and group["rows"][0]["test_auroc"] == pytest.approx(55.0)
     other_teacher = fake_run(tmp_path / "t2", "vgg", teacher="sha-b")
-    assert len(evaluate.tables(seeds + [other_teacher])) == 2
+    assert len(tables.tables(seeds + [other_teacher])) == 2
 
 
 def test_table_files_go_beside_the_runs_and_are_named(tmp_path, monkeypatch, capsys):
@@ -188,8 +189,8 @@ def test_the_same_seed_twice_is_refused_not_averaged(tmp_path):
     first = fake_run(tmp_path / "a", cls=3, name="cat", seed=0)
     copy = fake_run(tmp_path / "b", cls=3, name="cat", seed=0)  # e.g. a copy, or one run with --knn-k 0
     with pytest.raises(record.RunError, match="are the same run .class cat, seed 0"):
-        evaluate.tables([first, copy])
-    (group,) = evaluate.tables([first, first])  # the same folder twice counts once
+        tables.tables([first, copy])
+    (group,) = tables.tables([first, first])  # the same folder twice counts once
     assert group["rows"][0]["runs"] == 1
 
 
@@ -198,7 +199,7 @@ def test_no_published_figures_beside_a_limited_run(tmp_path):
     config = json.loads((run / "config.json").read_text())
     config["settings"]["limit"] = 300  # the test set is not the protocol's
     (run / "config.json").write_text(json.dumps(config))
-    (group,) = evaluate.tables([run])
+    (group,) = tables.tables([run])
     assert group["published_label"] is None and group["rows"][0]["published"] is None
 
 

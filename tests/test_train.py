@@ -10,6 +10,7 @@ import evaluate
 import train
 from checkpoint import read_tensors
 from helpers import image_folder, vgg16_file, vit_teacher_file
+from cache import feature_cache
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_feature_cache_holds_the_teacher_features(files):
     kdad = KDAD(teacher, make_student("vgg", teacher), vgg_taps())
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, "cpu")
-    cache = train.feature_cache(kdad, images, prep, cli.autocast(torch.device("cpu"), "fp32"), 2,
+    cache = feature_cache(kdad, images, prep, cli.autocast(torch.device("cpu"), "fp32"), 2,
                                 torch.device("cpu"), "fp32")
     direct = kdad.teacher_features(prep(images, center(5, 32)), kdad.taps.train_teacher)
     assert [c.shape for c in cache] == [d.shape for d in direct]

@@ -1,0 +1,300 @@
+"""The command line of train.py around the method: one job per (class, seed), spread over torchrun's processes; the
+teacher and the data of a process; each job's run folder; and one line and an exit code for whatever goes wrong.
+
+`python train.py ...` lands in main() here (train.main); train.py itself holds the recipes and the loop. Exit codes:
+0 done, 2 bad input or a failed job (the message says which and what to do), 3 a diverged run, 130 Ctrl-C.
+"""
+import os
+import sys
+import time
+import traceback
+from argparse import Namespace
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+import cli
+from checkpoint import LABEL_FREE_VIT, PRESETS, CheckpointError, DEFAULT_TEACHER, read_header, resolve_teacher, sha256
+from cli import RunError, pick_device, pick_precision
+from data import CIFAR10_CLASSES, DataError, one_class_data
+from distill import load_teacher, place, student_config_for, taps_for
+from folders import class_index, open_source
+from record import TORCHVISION_CIFAR10, Run, default_run_dir, teacher_name
+from steps import Stop
+from tables import fmt, write_table
+from train import RECIPES, fit
+
+USER_ERRORS = (CheckpointError, DataError, RunError)
+
+
+## --------------------------------------------------------------------------------------------------------
+## One class: its data, its run folder, its training, its results.
+
+def data_identity(args) -> str:
+    """What `data` a run records and compares on resume: the image folder (resolved), or torchvision's CIFAR-10
+    (the same data wherever --data-root downloaded it)."""
+    return str(Path(args.data_dir).resolve()) if args.data_dir else TORCHVISION_CIFAR10
+
+
+def is_cifar10(source) -> bool:
+    """torchvision's CIFAR-10, or a folder whose class folders (train/ and test/) are exactly CIFAR-10's."""
+    return list(source.folders) == list(CIFAR10_CLASSES)
+
+
+def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Run, finished_ok=False) -> dict:
+    """Train and score one normal class into the run folder `run`; returns results.json's content. finished_ok:
+    the same run already finished is reported, not refused (one job of many; see Run.open)."""
+    started = time.time()
+    data = one_class_data(source, cls, args.seed, args.limit)
+    if args.select == "val-auroc" and not data.val_has_anomalies:
+        raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only the normal "
+                       f"images of {data.class_name!r}: use --select final")
+    if args.knn_k > len(data.train):
+        raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
+                       f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("optimizer", "seeds")}
+    settings |= {"cls": data.normal_class, "class_name": data.class_name, "precision": precision,
+                 "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
+                 "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
+                 "optimizer": args.optimizer.__name__}
+    resume = run.open(settings, args.resume, args.overwrite, finished_ok)
+    done = run.results() if resume else None
+    if done and done["epochs"] >= args.epochs:
+        epochs = f"{done['epochs']} epoch" + "s" * (done["epochs"] != 1)
+        print(f"class {done['cls']} ({done['class_name']}) already finished {epochs}: test AUROC "
+              f"{done['test_auroc']:.4f} ({run}/results.json; --overwrite trains it again)")
+        return done
+    if done:
+        run.keep_earlier(done["epochs"])  # --resume with more epochs extends a finished run
+    print(data.summary())
+    run.write_config({"settings": settings, "teacher": teacher_info,
+                      "data": {"cifar10": is_cifar10(source), "classes": list(source.classes),
+                               "test_only": list(source.test_only)} | data.record(),
+                      "taps": asdict(taps_for(args.backbone, teacher)),
+                      "student": asdict(student_config_for(args.backbone, teacher)),
+                      "torch": torch.__version__, "device": str(device)}, resume)
+    results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
+               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
+               **fit(args, data.to(device), teacher, device, precision, run, resume),
+               "seconds": time.time() - started, "seed": args.seed, "device": str(device), "precision": precision,
+               "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
+    run.write_results(results)
+    val = "n/a (no anomalous validation images)" if results["val_auroc"] is None else f"{results['val_auroc']:.4f}"
+    knn = f"  (teacher kNN alone {results['knn_test_auroc']:.4f})" if args.knn_k else ""
+    where = ""
+    if "pixel_auroc" in results:
+        where = "".join(f"  {name} {fmt(results[key], 4, 1)}" for name, key in (
+            ("pixel AUROC", "pixel_auroc"), ("PRO", "pro"), ("(mismatch map:", "pixel_auroc_mismatch"),
+            ("PRO", "pro_mismatch"))) + ")"
+    print(f"class {results['cls']} ({results['class_name']}): val AUROC {val}  test AUROC "
+          f"{results['test_auroc']:.4f}{knn}{where}  ({results['seconds']:.0f} s)  -> {run}")
+    return results
+
+
+## --------------------------------------------------------------------------------------------------------
+## The teacher, and the command line.
+
+def describe(teacher) -> str:
+    c = teacher.cfg
+    if hasattr(c, "patch_size"):
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, patch {c.patch_size}, {c.registers} "
+                f"registers, at {c.image_size} px, mean/std {c.mean}/{c.std}")
+    return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
+
+
+def prepare_teacher(args, device):
+    """Resolve, load and describe the teacher; returns (teacher, its identity for config.json)."""
+    name = args.teacher
+    found = resolve_teacher(name, args.cache_dir)
+    path, preset = found.path, found.preset
+    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
+                    args.backbone)
+    info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset, "origin": found.origin,
+            "path": str(Path(path).resolve()), "sha256": sha256(path),
+            "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
+            "label_leak": preset == "vit-b16-cifar10"}
+    print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
+    if not preset and args.teacher_mean is None and str(getattr(teacher, "layout", "")).startswith(("timm",
+                                                                                                      "huggingface")):
+        print(f"  note: normalising with the {teacher.layout} family's usual mean/std {teacher.cfg.mean}/"
+              f"{teacher.cfg.std}; a checkpoint trained with other values needs --teacher-mean/--teacher-std")
+    if info["label_leak"]:
+        print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
+              f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
+    elif classifier_classes(path) == 10:
+        print("  note: this checkpoint carries a 10-class classifier head: if it was fine-tuned on CIFAR-10 (as the "
+              "reproduction's teacher was), it has seen the anomalies with labels")
+    return teacher, info
+
+
+def classifier_classes(path) -> int | None:
+    """The number of classes of a checkpoint's classification head (HF `classifier`, timm `head` / `head.fc`,
+    torchvision `heads.head` / `classifier.6`), read from the file's header; None without one."""
+    header = read_header(path)
+    for key in ("classifier.weight", "head.weight", "head.fc.weight", "heads.head.weight", "classifier.6.weight"):
+        if key in header:
+            return header[key]["shape"][0]
+    return None
+
+
+def with_recipe(args):
+    """Fill the flags left out with the recipe of the data set and backbone (RECIPES, DEFAULT_TEACHER)."""
+    recipe = RECIPES[args.dataset][args.backbone] | {"teacher": DEFAULT_TEACHER[args.dataset][args.backbone]}
+    for name, value in recipe.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+## --------------------------------------------------------------------------------------------------------
+## Jobs: one (class, seed) each, in the run folder a single-process run of it uses; spread over torchrun's processes.
+
+@dataclass
+class Job:
+    cls: str | int  # as --cls takes it (a folder name, a number, name:X, index:N), or an index for --cls all
+    seed: int
+    run: Path
+
+
+def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
+    """The jobs of this command and where their table goes (None for one class and one seed).
+
+    One seed: runs/<name>-<class>-s<seed>, or for --cls all one folder runs/<name>-all-s<seed> holding a
+    <index>-<class> folder per class and the table. Several seeds (--seed 0 1 2): the same folders for each seed,
+    and the table over all of them in runs/<name>-<class or all>-s0-1-2/. --out replaces runs/<...>-s<seed> by
+    OUT (one seed) or OUT/s<seed> (several)."""
+    data = Path(args.data_dir).resolve().name if args.data_dir else None
+    def folder(label, seed):
+        if args.out:
+            return Path(args.out) / f"s{seed}" if len(args.seeds) > 1 else Path(args.out)
+        return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, args.image_size,
+                               args.limit, args.epochs, RECIPES[args.dataset][args.backbone]["epochs"])
+    if args.cls == "all":
+        label, classes = "all", [(i, f"{i}-{source.classes[i]}") for i in source.normal_classes]
+        if len(classes) < len(source.classes):
+            left = [n for i, n in enumerate(source.classes) if i not in source.normal_classes]
+            print(f"note: --cls all runs the classes with train and test images; not {', '.join(left)} (no test "
+                  f"images: they are anomalies in validation only)")
+    else:
+        label, classes = source.classes[class_index(source, args.cls)], [(args.cls, None)]
+    jobs = [Job(cls, seed, folder(label, seed) / sub if sub else folder(label, seed))
+            for seed in args.seeds for cls, sub in classes]
+    if len(jobs) == 1:
+        return jobs, None
+    if len(args.seeds) == 1:
+        return jobs, folder(label, args.seeds[0]) / "table"
+    return jobs, (Path(args.out) if args.out else folder(label, "-".join(map(str, args.seeds)))) / "table"
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank): torchrun's RANK, WORLD_SIZE and LOCAL_RANK, or (0, 1, 0) for plain python."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def gather(obj, world: int) -> list:
+    """Every process's `obj`, in rank order (a list of one without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def setup(args, local_rank: int, world: int):
+    """Device, precision, teacher and data of this process. Under torchrun the first process of each machine
+    fetches the teacher and the data first and the others then read them from the cache, so no two processes
+    write the same file; an error in any process stops all of them, each with its own line."""
+    error, prepared = None, None
+    for turn in (True, False):  # local rank 0 first, then the others
+        if (local_rank == 0) == turn:
+            try:
+                device = pick_device(args.device, local_rank if world > 1 else None)
+                precision = pick_precision(args.precision, device)
+                if precision == "bf16":  # fp32 stays fp32; with bf16 autocast, let the rest of fp32 use TF32
+                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                teacher, info = prepare_teacher(args, device)
+                source = open_source(args.data_dir, args.data_root, args.image_size, args.crop_pct, args.dataset)
+                prepared = (device, precision, teacher, info, source)
+            except USER_ERRORS + (OSError,) as e:
+                error = e
+        if world > 1:
+            torch.distributed.barrier()
+    errors = gather(None if error is None else str(error), world)
+    if error is not None:
+        raise error
+    if any(errors):
+        raise RunError(f"another process could not start ({next(e for e in errors if e)})")
+    return prepared
+
+
+def run_jobs(args, rank: int, world: int, local_rank: int) -> int:
+    """Every job of this command; this process takes jobs rank, rank + world, ... With more than one job, a job
+    that fails is reported and the others go on; the table covers the finished runs and names the failed ones."""
+    device, precision, teacher, info, source = setup(args, local_rank, world)
+    print(f"device: {device}, precision: {precision}" + (f", process {rank + 1}/{world}" if world > 1 else ""))
+    jobs, table = plan(args, source, info)
+    mine = jobs[rank::world]
+    failed = []
+    for k, job in enumerate(mine, start=1):
+        if len(jobs) > 1:
+            print(f"{'class' if len(args.seeds) == 1 else 'job'} {k}/{len(mine)}: {job.run} (seed {job.seed})"
+                  + (f", process {rank + 1}/{world}" if world > 1 else ""))
+        try:
+            run_class(Namespace(**vars(args), seed=job.seed), source, job.cls, teacher, info, device, precision,
+                      Run(job.run), finished_ok=len(jobs) > 1)
+        except Exception as e:  # Ctrl-C (KeyboardInterrupt, or Stop "interrupted ...") stops every job
+            if len(jobs) == 1 or (isinstance(e, Stop) and str(e).startswith("interrupted")):
+                raise
+            failed.append(f"{job.run}: {job_error(e, job.run)}")
+            print(f"error: job {failed[-1]}; the other jobs go on", file=sys.stderr)
+    failed = [f for part in gather(failed, world) for f in part]
+    if table is not None and rank == 0:
+        finished = [job.run for job in jobs if (job.run / "results.json").is_file()]
+        if finished:
+            print(write_table(finished, table))
+        for f in failed:
+            print(f"failed: {f}")
+        if failed:
+            print(f"{len(failed)} of {len(jobs)} jobs failed; after fixing the cause, the same command with --resume "
+                  f"does only what is missing")
+    return 2 if failed else 0
+
+
+def job_error(e: Exception, run: Path) -> str:
+    """What went wrong with a job, in one line; the traceback of an unexpected error is kept in its run folder."""
+    if isinstance(e, Stop):
+        return f"stopped: {e}"
+    if isinstance(e, USER_ERRORS + (OSError,)):
+        return str(e)
+    if run.is_dir():
+        (run / "error.txt").write_text("".join(traceback.format_exception(e)))
+        return f"{type(e).__name__}: {e} (traceback in {run / 'error.txt'})"
+    return f"{type(e).__name__}: {e}"
+
+
+def main(argv=None) -> int:
+    args = with_recipe(cli.train_args(argv))
+    rank, world, local_rank = distributed()
+    if world > 1:  # gloo only hands out the job list and gathers failures: the jobs themselves share nothing
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=30))
+    try:
+        return run_jobs(args, rank, world, local_rank)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stop as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130 if str(e).startswith("interrupted") else 3
+    except OSError as e:  # an unwritable --out or cache folder, a full disk
+        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
+        print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",
+              file=sys.stderr)
+        return 130
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()

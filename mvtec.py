@@ -1,0 +1,124 @@
+"""MVTec AD (Bergmann et al., CVPR 2019 / IJCV 2021): one image folder per category, and the defect masks.
+
+Plumbing beside data.py: each category is an ImageFolder (folders.py) whose normal class is `good`; this module
+finds the categories and pairs every defective test image with its mask.
+"""
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from cli import counted, named, note
+from data import DataError, one_class_data
+from folders import ImageFolder, Source, is_hidden, listing
+
+## The layout: one image folder per category, whose normal class is `good`, plus a pixel mask for every defective
+## test image:
+##     <root>/<category>/train/good/*.png           normal training images
+##     <root>/<category>/test/good/*.png            normal test images (no masks)
+##     <root>/<category>/test/<defect>/*.png        anomalous test images, one folder per kind of defect
+##     <root>/<category>/ground_truth/<defect>/<name>_mask.png   the defect's pixels (non-zero) of test/<defect>/<name>
+## Masks are paired with their images by name, never by order.
+
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+MVTEC_NORMAL = "good"
+
+
+class MVTecAD(Source):
+    """An MVTec AD root: its categories (folders holding train/good) are the classes --cls chooses among; each is
+    read by ImageFolder with `good` as the normal class (one_class_data does this). Anything else in the root is
+    left out and named once."""
+
+    def __init__(self, root, load_size: int):
+        self.root, self.load_size = Path(root), load_size
+        if not self.root.is_dir():
+            raise DataError(f"MVTec AD folder not found: {self.root} (pass --data-dir DIR with one folder per "
+                            f"category, e.g. DIR/bottle/train/good)")
+        entries = listing(self.root)
+        self.classes = [e.name for e in entries if not is_hidden(e.name) and (Path(e.path) / "train" /
+                                                                               MVTEC_NORMAL).is_dir()]
+        if not self.classes:
+            if (self.root / "train" / MVTEC_NORMAL).is_dir():
+                hint = f"{self.root} is one category: pass the folder holding the categories, {self.root.parent}"
+            elif (self.root / "train").is_dir():
+                hint = "it holds train/ and test/ class folders: an image folder, not MVTec AD: drop --dataset mvtec"
+            else:
+                hint = f"expected {self.root}/<category>/train/{MVTEC_NORMAL}/"
+            raise DataError(f"{self.root} holds no MVTec AD category: {hint}")
+        self.skipped = [(e.path, "not a category (no train/good/ in it)") for e in entries
+                        if e.name not in self.classes]
+        if self.skipped:
+            what = counted(len(self.skipped), "entry that is not a category", "entries that are not categories")
+            note(f"{self.root}: left out {what}: "
+                 + named(Path(p).name for p, _ in self.skipped))
+        self.test_only, self.folders = [], self.classes
+        self.normal_classes = list(range(len(self.classes)))
+        self.files, self.left_out = None, list(self.skipped)
+
+    def class_has_images(self, split: str, label: int) -> bool:
+        return (self.root / self.classes[label] / split / MVTEC_NORMAL).is_dir()
+
+    def one_class_data(self, cls, seed=0, limit=None, val_fraction=0.1):
+        """data.one_class_data of category `cls`: its good/ images normal, every defect folder anomalous, and
+        test_masks holding the defects' pixels."""
+        label = self.class_index(cls)
+        folder = self.category(self.classes[label])
+        data = one_class_data(folder, MVTEC_NORMAL, seed, limit, val_fraction)
+        data.test_masks = mvtec_masks(folder.root, data.test_files, folder.load_size)
+        data.normal_class, data.class_name, data.mvtec = label, self.classes[label], True
+        return data
+
+    def category(self, name: str) -> ImageFolder:
+        folder = ImageFolder(self.root / name, self.load_size)
+        if MVTEC_NORMAL not in folder.classes:
+            raise DataError(f"{folder.root}/train has no readable {MVTEC_NORMAL}/ images")
+        return folder
+
+
+def mvtec_masks(category_root: Path, test_files: list, side: int) -> torch.Tensor:
+    """(N, side, side) bool defect masks of the test images, paired by name: test/<defect>/<name>.<ext> has
+    ground_truth/<defect>/<name>_mask.png; test/good images have none (all False). Each mask goes through the
+    geometry its image goes through (square() to the stored side, then the preprocessing's resize to `side`), and a
+    pixel there is defective where any part of it is: a thin scratch or a small spot of a 1024 px image stays a
+    region at 128 px (regions grow by up to a pixel instead). Raises DataError for a defective image without its
+    mask, or a mask of another size than its image."""
+    category_root = Path(category_root)
+    out = np.zeros((len(test_files), side, side), dtype=bool)
+    for i, f in enumerate(map(Path, test_files)):
+        defect = f.relative_to(category_root / "test").parts[0]
+        if defect == MVTEC_NORMAL:
+            continue
+        mask_path = category_root / "ground_truth" / defect / f"{f.stem}_mask.png"
+        if not mask_path.is_file():
+            raise DataError(f"test image {f.relative_to(category_root)} has no mask: expected "
+                            f"{mask_path.relative_to(category_root)}")
+        with Image.open(mask_path) as m, Image.open(f) as im:
+            if m.size != im.size:
+                raise DataError(f"mask {mask_path.relative_to(category_root)} is {m.size[0]}x{m.size[1]}, its image "
+                                f"{im.size[0]}x{im.size[1]}: they must match pixel for pixel")
+            mask = (np.asarray(ImageOps.exif_transpose(m).convert("L")) > 0).astype(np.float32)
+        out[i] = square_mask(mask, side)
+    orphans = [p for p in sorted((category_root / "ground_truth").glob("*/*"))
+               if not p.stem.endswith("_mask") or not any((category_root / "test" / p.parent.name).glob(
+                   glob.escape(p.stem.removesuffix("_mask")) + ".*"))]
+    if orphans:
+        what = counted(len(orphans), "file pairs", "files pair")
+        note(f"{category_root}/ground_truth: {what} with no test image (expected "
+             f"<defect>/<name>_mask.png beside test/<defect>/<name>) and are left out: "
+             + named(str(p.relative_to(category_root / "ground_truth")) for p in orphans))
+    return torch.from_numpy(out)
+
+
+def square_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    """A 0/1 mask (H, W) float -> (side, side) bool with square()'s geometry (shorter side to `side`, center crop)
+    and area averaging (PIL's BOX filter): a pixel is defective where any part of it was."""
+    h, w = mask.shape
+    s = side / min(h, w)
+    size = (max(side, round(w * s)), max(side, round(h * s)))
+    im = Image.fromarray(mask, mode="F").resize(size, Image.BOX)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    return np.asarray(im.crop((left, top, left + side, top + side))) > 1e-6  # float sums: not exactly 0
+

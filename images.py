@@ -127,7 +127,7 @@ def high_bits_to_8(im: Image.Image, notes: list) -> np.ndarray:
     if "transparency" in im.info:
         raise UnreadableImage(f"{im.mode} samples with a transparent colour key: no faithful way to show it")
     a = np.asarray(im)
-    if im.mode in SIXTEEN_BIT or (im.mode == "I" and declares_16_bits(im) and 0 <= a.min() and a.max() <= 65535):
+    if im.mode in SIXTEEN_BIT or (im.mode == "I" and declares_16_bits(im) and a.min() >= 0 and a.max() <= 65535):
         notes.append("with 16-bit samples: shown as their top 8 bits")
         return (a.astype(np.uint32) >> 8).astype(np.uint8)
     if im.mode == "I":

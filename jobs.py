@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import LABEL_FREE_VIT, PRESETS, CheckpointError, DEFAULT_TEACHER, read_header, resolve_teacher, sha256
+from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
 from cli import RunError, pick_device, pick_precision
 from data import CIFAR10_CLASSES, DataError, one_class_data
 from distill import load_teacher, place, student_config_for, taps_for

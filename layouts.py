@@ -1,4 +1,5 @@
-"""ViT checkpoint layouts: how transformers, timm and torchvision store a Vision Transformer, renamed into vit.py's names.
+"""ViT checkpoint layouts: how transformers, timm and torchvision store a Vision Transformer, renamed into vit.py's
+names.
 
 This is plumbing beside vit.py, not part of the method: vit.load_vit calls `read_vit_checkpoint` and gets back the
 tensors under timm's names (patch_embed, cls_token, pos_embed, blocks.N.attn.qkv, ...) and the ViTConfig fields the

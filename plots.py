@@ -337,7 +337,7 @@ def table_png(path, rows: list[dict], title: str, published_label: str = "publis
             handles.append(ax.errorbar(at[have][spread], heights[spread], yerr=stds[spread], fmt="none",
                                        ecolor="black", capsize=2, lw=1, label="± std over seeds"))
         stds = np.nan_to_num(stds)
-        for a, h, e in zip(at[have], heights, stds):  # the measured numbers, above the bar and its error bar
+        for a, h, e in zip(at[have], heights, stds, strict=True):  # the numbers, above the bar and its error bar
             ax.text(a, h + e + 0.8, f"{h:.1f}", rotation=90, ha="center", va="bottom", fontsize=7)
     handles.append(ax.axhline(50, color="crimson", ls="--", lw=1, label="chance (50%)"))
     if has_mean:

@@ -17,7 +17,6 @@ from mvtec import MVTEC_CATEGORIES
 from plots import PlotError, table_png
 from record import TORCHVISION_CIFAR10, read_json, run_folders
 
-
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
 # One-class CIFAR-10: the paper's table (VGG16) and the ViT reproduction's README
 # (LucStrater/Knowledge_Distillation_AD).
@@ -26,17 +25,17 @@ from record import TORCHVISION_CIFAR10, read_json, run_folders
 # check them against. Its localisation is gradient maps at 128 px, scored on the defective test images only.
 PUBLISHED = {
     ("cifar10", "vgg"): ("Salehi et al. 2021, KDAD paper (VGG16)", dict(zip(CIFAR10_CLASSES, [
-        90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91])), {}),
+        90.53, 90.35, 79.66, 77.02, 86.71, 91.40, 88.98, 86.78, 91.45, 88.91], strict=True)), {}),
     ("cifar10", "vit"): ("ViT reproduction of KDAD (teacher vit-b16-cifar10, saw CIFAR-10 labels; ImageNet mean/std "
                          "inputs; epoch picked by validation AUROC on a labelled part of the training split)",
                          dict(zip(CIFAR10_CLASSES, [
-                             96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68])), {}),
+                             96.78, 98.16, 96.20, 93.55, 96.52, 94.72, 97.96, 97.71, 98.01, 98.68], strict=True)), {}),
     ("mvtec", "vgg"): ("Salehi et al. 2021, KDAD paper (VGG16), as quoted by the PaddlePaddle reproduction's README; "
                        "pixel AUROC there is on defective images only", dict(zip(MVTEC_CATEGORIES, [
                            99.39, 89.19, 80.46, 79.25, 78.01, 98.37, 95.05, 73.58, 82.70, 83.31, 91.57, 92.17, 85.55,
-                           94.29, 93.24])), dict(zip(MVTEC_CATEGORIES, [
+                           94.29, 93.24], strict=True)), dict(zip(MVTEC_CATEGORIES, [
                                96.32, 82.40, 95.86, 95.64, 91.78, 94.62, 98.05, 86.38, 89.63, 95.96, 82.77, 96.12,
-                               76.45, 84.80, 93.90]))),
+                               76.45, 84.80, 93.90], strict=True))),
 }
 MEANS = ("test_auroc", "val_auroc", "knn_test_auroc", "pixel_auroc", "pro", "pixel_auroc_mismatch", "pro_mismatch")
 COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alone (%)"),
@@ -100,7 +99,7 @@ def group_rows(runs: list[tuple[dict, dict]]) -> tuple[list[dict], str | None]:
     """Rows of one group's table from (config, results) pairs: one per class (figures in %, the mean over its
     runs, the test AUROC's std over them), then the mean over classes; and the published figures' source."""
     by_class = {}
-    for cfg, r in runs:
+    for _, r in runs:
         by_class.setdefault((r["cls"], r["class_name"]), []).append(r)
     source, published, published_pixel = published_for(runs[0][0])
     rows = []
@@ -179,7 +178,7 @@ def table_prefix(paths) -> Path:
     if len(runs) == 1 and not (runs[0] / "config.json").is_file():
         return runs[0] / "table"
     parents = [r.parent for r in runs]
-    common = Path(*[parts[0] for parts in zip(*(p.parts for p in parents)) if len(set(parts)) == 1])
+    common = Path(*[parts[0] for parts in zip(*(p.parts for p in parents), strict=False) if len(set(parts)) == 1])
     return common / "table"
 
 

@@ -175,9 +175,10 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def image_folder(root, classes=("ant", "bee", "cow"), n_train=30, n_test=10, size=32, seed=0) -> str:
     """A tiny image folder root/{train,test}/<class>/NNN.png. Each class has its own mean colour (so there is
     something to learn), and pixel (0, 0) holds (class, split, index): every image can be told apart."""
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
-    from pathlib import Path
     rng = np.random.default_rng(seed)
     for s, (split, n) in enumerate((("train", n_train), ("test", n_test))):
         for c, name in enumerate(classes):

@@ -1,6 +1,7 @@
 """Every bad teacher file is refused with one message naming the file and what is wrong with it."""
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_html_error_page(tmp_path):
 
 
 def test_truncated_mid_tensor(tmp_path, vit_file):
-    data = open(vit_file, "rb").read()
+    data = Path(vit_file).read_bytes()
     path = tmp_path / "half.safetensors"
     path.write_bytes(data[: len(data) // 2])
     refused(load_vit, path, "truncated", "download it again")

@@ -7,9 +7,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import data
+import folders
 from data import ANOMALOUS, NORMAL, Augment, Preprocess, batches, center, random_augment, stratified_split
 from helpers import image_folder
-import folders
 
 CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 

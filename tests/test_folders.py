@@ -12,11 +12,11 @@ import torch
 from PIL import Image, ImageCms
 
 import data
+import folders
 import train
 from data import ANOMALOUS, NORMAL, DataError
 from helpers import vit_teacher_file
 from images import UnreadableImage, read_image
-import folders
 
 SIZE = 16  # generated images are 16 x 16 unless a case needs another shape: stored as they are (<= 37 px)
 
@@ -54,7 +54,7 @@ def source_of(root):
 
 def test_numbered_class_folders_pick_the_folder_of_that_name(tmp_path):
     numbers = [str(k) for k in range(12)]
-    seen = make_folder(tmp_path, {"train": {k: 10 for k in numbers}, "test": {k: 3 for k in numbers}})
+    seen = make_folder(tmp_path, {"train": dict.fromkeys(numbers, 10), "test": dict.fromkeys(numbers, 3)})
     source = source_of(tmp_path)
     assert source.classes == numbers  # 2 before 10, as a person reads them
     d = data.one_class_data(source, "10", seed=0)
@@ -62,7 +62,7 @@ def test_numbered_class_folders_pick_the_folder_of_that_name(tmp_path):
     assert {o[1] for o in origins(d.train, seen)} == {"10"}
     assert len(d.train) == 9 and (d.val_labels == NORMAL).sum() == 1 and (d.val_labels == ANOMALOUS).sum() == 11
     assert (d.test_labels == NORMAL).sum() == 3 and (d.test_labels == ANOMALOUS).sum() == 33
-    assert [o[1] for o, y in zip(origins(d.test, seen), d.test_labels) if y == NORMAL] == ["10"] * 3
+    assert [o[1] for o, y in zip(origins(d.test, seen), d.test_labels, strict=True) if y == NORMAL] == ["10"] * 3
     assert d.summary().startswith("class 10 (folder '10'): train 9 normal images")
     assert folders.class_index(source, "index:10") == folders.class_index(source, 10) == 10
 
@@ -82,7 +82,7 @@ def test_numbers_in_a_numbered_folder_are_names_and_gaps_are_refused(tmp_path):
 def test_a_number_naming_one_folder_and_indexing_another_is_refused(tmp_path):
     """Word names with one number among them: '--cls 3' could be folder '3' or class 3."""
     names = ["ant", "bee", "cow", "3"]
-    make_folder(tmp_path, {"train": {n: 10 for n in names}, "test": {n: 2 for n in names}})
+    make_folder(tmp_path, {"train": dict.fromkeys(names, 10), "test": dict.fromkeys(names, 2)})
     source = source_of(tmp_path)
     assert source.classes == ["3", "ant", "bee", "cow"]
     with pytest.raises(DataError, match=r"--cls 3 is ambiguous: folder '3' is class 0, and class 3 is folder 'cow': "
@@ -161,7 +161,7 @@ def test_too_few_images_for_a_validation_image(tmp_path):
 
 def test_cifar10_names_keep_their_indices_whatever_else_is_there(tmp_path, capsys):
     names = list(data.CIFAR10_CLASSES) + ["aardvark", "zebra"]
-    seen = make_folder(tmp_path, {"train": {n: 10 for n in names}, "test": {n: 1 for n in names} | {"apple": 3}})
+    seen = make_folder(tmp_path, {"train": dict.fromkeys(names, 10), "test": dict.fromkeys(names, 1) | {"apple": 3}})
     (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\0")
     (tmp_path / "train" / "0_empty").mkdir()
     source = source_of(tmp_path)
@@ -177,7 +177,7 @@ def test_numbers_keep_their_cifar10_meaning_or_are_refused(tmp_path):
     """Folders with some of CIFAR-10's names: a number that means another class there than here is refused."""
     no_airplane, no_truck = list(data.CIFAR10_CLASSES[1:]), list(data.CIFAR10_CLASSES[:9])
     for name, classes in (("no_airplane", no_airplane), ("no_truck", no_truck), ("two", ["cat", "dog"])):
-        make_folder(tmp_path / name, {"train": {n: 10 for n in classes}, "test": {n: 1 for n in classes}})
+        make_folder(tmp_path / name, {"train": dict.fromkeys(classes, 10), "test": dict.fromkeys(classes, 1)})
     source = source_of(tmp_path / "no_truck")
     assert folders.class_index(source, "3") == 3 and source.classes[3] == "cat"  # the same class either way
     source = source_of(tmp_path / "no_airplane")
@@ -540,7 +540,7 @@ def test_a_16_bit_folder_is_not_trained_on_white(tmp_path):
         for name in ("a", "b"):
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray((picture(i)[..., 0].astype(np.uint16) * 257)).save(tmp_path / split / name / f"{i}.png")
+                Image.fromarray(picture(i)[..., 0].astype(np.uint16) * 257).save(tmp_path / split / name / f"{i}.png")
     d = data.one_class_data(source_of(tmp_path), "a")
     assert d.train.float().mean() < 200 and any("16-bit samples" in line for line in d.notes)
     assert np.array_equal(d.test[0, 0].numpy(), picture(0)[..., 0])  # 257 * v >> 8 == v

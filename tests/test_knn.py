@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import evaluate
+import tables
 import train
-from knn import image_embedding
-from knn import knn_scores
 from helpers import image_folder, vgg16_file, vit_teacher_file
+from knn import image_embedding, knn_scores
 from vgg import VGG
 from vit import ViT, ViTConfig
-import tables
 
 
 def brute_force_knn(bank, queries, k):
@@ -22,7 +21,7 @@ def brute_force_knn(bank, queries, k):
     for q in queries.tolist():
         distances = []
         for b in bank.tolist():
-            dot = sum(x * y for x, y in zip(q, b))
+            dot = sum(x * y for x, y in zip(q, b, strict=True))
             norms = math.sqrt(sum(x * x for x in q)) * math.sqrt(sum(y * y for y in b))
             distances.append(1 - dot / norms)
         out.append(sum(sorted(distances)[:k]) / k)

@@ -11,10 +11,10 @@ from skimage.measure import label as components
 
 import data
 import evaluate
+import folders
 import train
 from helpers import vgg16_file
 from mvtec import square_mask
-import folders
 
 
 def mvtec_folder(root, categories=("grid", "bottle"), n_train=12, n_good=3, defects=("crack", "hole"), n_defect=3,
@@ -26,11 +26,11 @@ def mvtec_folder(root, categories=("grid", "bottle"), n_train=12, n_good=3, defe
     yy, xx = np.mgrid[:size, :size]
     drawn = {}
     for c, category in enumerate(categories):
-        def texture():
+        def texture(c=c):
             stripes = 100 + 40 * np.sin((xx + rng.integers(0, 6)) * (0.5 + 0.2 * c))
             return np.clip(stripes + rng.normal(0, 8, (size, size)), 0, 255)
 
-        def save(a, path):
+        def save(a, path, category=category):
             path.parent.mkdir(parents=True, exist_ok=True)
             grey = category == "grid"
             img = a.astype(np.uint8) if grey else np.stack([a, a * 0.8, a * 0.6], -1).astype(np.uint8)
@@ -72,7 +72,7 @@ def brute_force_pro(maps, masks, limit=0.3):
         curve.append((float(fpr), float(pro)))
     curve.append((1.0, 1.0))
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
         if x0 >= limit:
             break
         if x1 > limit:

@@ -144,17 +144,17 @@ def test_training_curve_of_one_epoch(drawn, tmp_path):
 
 def bar_chart_rows(names, values, knn=None, published=None, std=None):
     rows = [{"class": i, "name": n, "test_auroc": v, "std": std and std[i], "published": published and published[i],
-             "knn_test_auroc": knn and knn[i]} for i, (n, v) in enumerate(zip(names, values))]
+             "knn_test_auroc": knn and knn[i]} for i, (n, v) in enumerate(zip(names, values, strict=True))]
     return rows + [{"class": "mean", "name": "", "test_auroc": float(np.mean(values)), "std": None,
                     "published": None, "knn_test_auroc": None}]
 
 
 CLASS_SETS = {
     2: (["good_widgets", "a-class-with-a-rather-long-folder-name-that-goes-on-and-on"], [34.7, 88.3]),
-    10: ("airplane automobile bird cat deer dog frog horse ship truck".split(),
+    10: (["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
          [35.9, 39.6, 61.2, 55.0, 72.3, 48.1, 80.4, 93.2, 95.5, 99.0]),
-    15: ("bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood "
-         "zipper".split(), list(np.linspace(30, 99, 15))),
+    15: (["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw", "tile",
+          "toothbrush", "transistor", "wood", "zipper"], list(np.linspace(30, 99, 15))),
 }
 
 

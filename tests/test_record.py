@@ -7,10 +7,10 @@ import pytest
 
 import evaluate
 import record
+import tables
 import train
 from data import CIFAR10_CLASSES
 from helpers import image_folder, vgg16_file, vit_teacher_file
-import tables
 
 
 @pytest.fixture(scope="module")

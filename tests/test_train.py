@@ -8,9 +8,9 @@ import torch
 import cli
 import evaluate
 import train
+from cache import feature_cache
 from checkpoint import read_tensors
 from helpers import image_folder, vgg16_file, vit_teacher_file
-from cache import feature_cache
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Reference models with random weights, written to .safetensors in each library's key layout.
 
-Nothing can be downloaded where the tests run, so every checkpoint layout of shared/docs/checkpoints.md is
-built here from the reference library's own module (torchvision, timm, transformers) and renamed by the key tables
-there.
+Nothing can be downloaded where the tests run, so every checkpoint layout this project reads (docs/teachers.md,
+layouts.py) is built here from the reference library's own module (torchvision, timm, transformers), in the key
+names that library publishes its files with.
 """
 import re
 from functools import partial

@@ -1,4 +1,4 @@
-"""Loss, score and taps against hand computations (shared/docs/method.md)."""
+"""Loss, score and taps against hand computations (the formulas of distill.py's docstring)."""
 import math
 
 import pytest

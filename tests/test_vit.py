@@ -166,8 +166,8 @@ def gap(model, reference_hidden, x) -> tuple[float, float]:
 
 
 def test_each_family_resized_its_own_way_before_and_after(tmp_path):
-    """The figures of issue 10 item 2: timm's resize used for every family (before) against each library's own
-    (after), on the tiny 32 px ViT (8 px patches, width 128, 3 blocks) in Hugging Face and torchvision layout."""
+    """Each family's position table resized its own library's way, against timm's resize used for every family, on
+    the tiny 32 px ViT (8 px patches, width 128, 3 blocks) in Hugging Face and torchvision layout."""
     tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
     transformers = pytest.importorskip("transformers")
     tv = torchvision_vit(eps=1e-12)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
+from checkpoint import CheckpointError, check_finite, check_state_dict, os_error_line, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
 from data import CROP_PCT, DataError, Preprocess, batches, one_class_data
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
@@ -229,8 +229,8 @@ def main(argv=None):
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+    except OSError as e:  # a full disk or a read-only folder for the plots or the table: what, where, free space
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

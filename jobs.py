@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
+from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, WriteError, os_error_line,
+                        read_header, resolve_teacher, sha256)
 from cli import RunError, pick_device, pick_precision
 from data import CIFAR10_CLASSES, DataError, one_class_data
 from distill import load_teacher, place, student_config_for, taps_for
 from folders import class_index, open_source
-from record import TORCHVISION_CIFAR10, Run, default_run_dir, teacher_name
+from record import TORCHVISION_CIFAR10, Run, default_run_dir, teacher_name, write_text
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
@@ -267,12 +268,15 @@ def job_error(e: Exception, run: Path) -> str:
     """What went wrong with a job, in one line; the traceback of an unexpected error is kept in its run folder."""
     if isinstance(e, Stop):
         return f"stopped: {e}"
-    if isinstance(e, USER_ERRORS + (OSError,)):
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    if isinstance(e, USER_ERRORS):
         return str(e)
-    if run.is_dir():
-        (run / "error.txt").write_text("".join(traceback.format_exception(e)))
+    try:
+        write_text(run / "error.txt", "".join(traceback.format_exception(e)))
         return f"{type(e).__name__}: {e} (traceback in {run / 'error.txt'})"
-    return f"{type(e).__name__}: {e}"
+    except OSError:  # no run folder yet, or no room for the traceback either
+        return f"{type(e).__name__}: {e}"
 
 
 def main(argv=None) -> int:
@@ -288,8 +292,9 @@ def main(argv=None) -> int:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130 if str(e).startswith("interrupted") else 3
-    except OSError as e:  # an unwritable --out or cache folder, a full disk
-        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+    except OSError as e:  # an unwritable --out or cache folder, a full disk (WriteError: what, where, free space)
+        print(f"error: {os_error_line(e)}" + (" (an unfinished run continues with --resume)"
+                                              if isinstance(e, WriteError) else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
         print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
+from checkpoint import write_atomically
 from data import ANOMALOUS, NORMAL
 
 DPI = 100
@@ -48,8 +49,11 @@ def pyplot():
 
 
 def save(fig, path: Path):
-    fig.savefig(path, dpi=DPI)
-    pyplot().close(fig)
+    """A figure as a PNG, written whole or not at all (checkpoint.write_atomically: WriteError on a full disk)."""
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    finally:
+        pyplot().close(fig)
     print(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
 """Bad input gets one clear line and a non-zero exit; an interrupted run loses nothing and resumes exactly."""
+import errno
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torchvision
 
+import checkpoint
 import evaluate
 import train
 from checkpoint import read_tensors
@@ -363,3 +365,61 @@ def test_evaluate_refuses_what_it_cannot_trust(files, tmp_path, capsys):
     save(sd, teacher)
     fails(capsys, [str(out)], "has changed since training", "sha256", main=evaluate.main)
     fails(capsys, ["--table", str(tmp_path / "notarun")], "is not a run folder", main=evaluate.main)
+
+
+## --------------------------------------------------------------------------------------------------------
+## A full disk (or a read-only folder) while saving: one line, nothing half-written, nothing earlier lost.
+
+def no_room(kind: str):
+    """What each writer raises when the disk is full, as measured on a 64 kB tmpfs: torch.save's RuntimeError,
+    safetensors' SafetensorError, a plain OSError (json, logs, tables, plots)."""
+    from safetensors import SafetensorError
+    if kind == "torch":
+        return RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    if kind == "safetensors":
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def half_then(error):
+    """A writer that writes half a file to the temporary name it is given, then fails with `error`."""
+    def write(tmp):
+        Path(tmp).write_bytes(b"x" * 5000)
+        raise error
+    return write
+
+
+@pytest.mark.parametrize("kind, reason", [("torch", "torch.save failed"), ("safetensors", "No space left on device"),
+                                          ("os", "No space left on device")])
+def test_a_failed_write_is_one_line_and_leaves_the_old_file(tmp_path, kind, reason):
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"the previous state")
+    with pytest.raises(checkpoint.WriteError) as e:
+        checkpoint.write_atomically(target, half_then(no_room(kind)))
+    line = str(e.value)
+    assert line.startswith(f"could not write state.pt in {tmp_path} (") and reason in line and "free there" in line
+    assert "\n" not in line and target.read_bytes() == b"the previous state"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no state.pt.tmp keeping the disk full
+    for other in (KeyboardInterrupt(), ValueError("a bug")):  # not a write failure: raised as it is, tmp removed
+        with pytest.raises(type(other)):
+            checkpoint.write_atomically(target, half_then(other))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_a_full_disk_while_training_is_one_line_and_resumable(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out)) == 0  # one epoch, finished
+    state = (out / "state.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: half_then(no_room("torch"))(f))
+    last = fails(capsys, argv_for(files, out, "vit", "--epochs", "2", "--resume"), "could not write state.pt in",
+                 str(out), "free there", "--resume")
+    assert last.startswith("error: ") and (out / "state.pt").read_bytes() == state
+    monkeypatch.undo()
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda t, f, metadata=None: half_then(no_room("st"))(f))
+    fails(capsys, argv_for(files, out, "vit", "--epochs", "2", "--resume"), "could not write student.safetensors",
+          "No space left on device")
+    assert not list(out.glob("*.tmp")) and not (out / "results.json").exists()
+    monkeypatch.undo()
+    assert cli(argv_for(files, out, "vit", "--epochs", "2", "--resume")) == 0  # all epochs trained: scores, saves
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2

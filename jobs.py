@@ -76,9 +76,13 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                       "taps": asdict(taps_for(args.backbone, teacher)),
                       "student": asdict(student_config_for(args.backbone, teacher)),
                       "torch": torch.__version__, "device": str(device)}, resume)
+    try:
+        figures = fit(args, data.to(device), teacher, device, precision, run, resume)
+    except Stop as e:  # diverged or interrupted: config.json says so, for evaluate.py
+        run.stopped(str(e))
+        raise
     results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
-               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
-               **fit(args, data.to(device), teacher, device, precision, run, resume),
+               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"], **figures,
                "seconds": time.time() - started, "seed": args.seed, "device": str(device), "precision": precision,
                "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
     run.write_results(results)

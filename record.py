@@ -13,6 +13,7 @@ kill at any moment leaves the previous version or the new one, never half of one
 silently: another configuration, an unfinished run or a finished one is refused unless --resume or --overwrite says
 what to do. train.py writes the record; evaluate.py reads it.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import save_tensors, write_atomically
-from cli import RunError
+from cli import RunError, counted, named, note
 
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
 # only where they matter (`data` is the image folder, or "torchvision CIFAR-10" wherever it was downloaded); the
@@ -142,6 +143,8 @@ class Run:
             for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
                 (run / f).unlink(missing_ok=True)
             return False
+        if not_a_run(run):
+            raise RunError(f"--out {run} is not a run folder: {not_a_run(run)}; choose another --out")
         old = read_json(run / "config.json")["settings"]
         differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
         if differ and not resume:
@@ -199,6 +202,13 @@ class Run:
 
     def write_results(self, results: dict):
         write_json(self.path / "results.json", results)
+
+    def stopped(self, why: str):
+        """config.json keeps why the run stopped early (a diverged student, Ctrl-C), for evaluate.py to say; the
+        next write_config (--resume, --overwrite) drops it. A disk too full for it changes nothing else."""
+        if self.config is not None:
+            with contextlib.suppress(OSError):
+                write_json(self.path / "config.json", self.config | {"stopped": why})
 
 
 def code_history(config: dict) -> list[dict]:
@@ -291,28 +301,77 @@ class Snapshots:
 ## --------------------------------------------------------------------------------------------------------
 ## Finding finished runs (evaluate.py, tables).
 
+# what makes a config.json a run's (every version of train.py wrote these), and what re-evaluating one reads
+RUN_KEYS = {"settings": ("backbone", "cls", "seed", "image_size"), "teacher": ("sha256",)}
+EVALUATE_KEYS = {"settings": ("lam", "limit", "data_dir", "data_root", "precision"), "teacher": ("path", "config")}
+
+
+def not_a_run(folder, keys=RUN_KEYS) -> str | None:
+    """Why `folder`, which holds a config.json, is no run folder train.py wrote (in words, for a note or an error):
+    its config.json is unreadable, or describes something else (a Hugging Face or timm model folder beside its
+    weights); None for a run."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"its config.json is unreadable ({' '.join(str(e).split())[:80]})"
+    if not isinstance(cfg, dict):
+        return f"its config.json holds a {type(cfg).__name__}, not a run's settings"
+    if "model_type" in cfg or "architectures" in cfg:
+        return f"a Hugging Face model folder (config.json of a {cfg.get('model_type', 'model')!r} model)"
+    if "architecture" in cfg and "pretrained_cfg" in cfg:
+        return f"a timm model folder (config.json of {cfg['architecture']!r})"
+    missing = [f"{part}.{k}" if k else part for part, need in keys.items()
+               for k in ([None] if not isinstance(cfg.get(part), dict) else [k for k in need if k not in cfg[part]])]
+    if missing:
+        return f"its config.json has no {', '.join(missing[:3])}: not a run train.py wrote, or a damaged one"
+    return None
+
+
+def read_run_config(folder, keys=RUN_KEYS) -> dict:
+    """A run's config.json, checked to be one and to hold `keys` (RunError with one line otherwise, see
+    not_a_run)."""
+    why = not_a_run(folder) or not_a_run(folder, keys)
+    if why:
+        raise RunError(f"{folder} is not a run folder: {why}; pass a folder written by train.py")
+    return read_json(Path(folder) / "config.json")
+
+
 def run_folders(paths) -> list[Path]:
-    """The run folders among `paths`, each once: a folder with a config.json is a run; a folder without one
-    stands for every run folder below it, at any depth (a --cls all folder, runs/ itself). Files among the paths
-    (a table.md caught by `runs/*`) are named and left out. Raises RunError for a path that does not exist or
-    holds no run."""
-    found, files = [], []
+    """The run folders among `paths`, each once: a folder with a run's config.json is a run; any other folder
+    stands for every run folder below it, at any depth (a --cls all folder, runs/ itself). What is not a run is
+    named in one note and left out: files among the paths (a table.md caught by `runs/*`) and folders whose
+    config.json is no run's (a teacher's Hugging Face folder, an unreadable file; see not_a_run). Raises RunError
+    for a path that does not exist or holds no run."""
+    found, files, others = [], [], []
     for p in map(Path, paths):
         if not p.exists():
             raise RunError(f"{p} not found: pass a run folder written by train.py")
         if p.is_file():
             files.append(p)
-        elif (p / "config.json").is_file():
+            continue
+        if (p / "config.json").is_file() and not not_a_run(p):
             found.append(p)
-        else:
-            inner = sorted(q.parent for q in p.rglob("config.json"))
+            continue
+        inner = sorted(q.parent for q in p.rglob("config.json") if q.parent != p)
+        if (p / "config.json").is_file():
             if not inner:
-                raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
-                               f"written by train.py")
-            found += inner
+                raise RunError(f"{p} is not a run folder: {not_a_run(p)}; pass a folder written by train.py")
+            inner.insert(0, p)
+        if not inner:
+            raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
+                           f"written by train.py")
+        for q in inner:
+            why = not_a_run(q)
+            if why:
+                others.append(f"{q} ({why})")
+            else:
+                found.append(q)
     if files:
         print(f"note: left out {len(files)} file{'s' * (len(files) > 1)} that {'are' if len(files) > 1 else 'is'} "
               f"no run folder: {', '.join(map(str, files[:5]))}", file=sys.stderr)
+    if others:
+        note(f"left out {counted(len(others), 'folder that is not a run', 'folders that are not runs')}: "
+             f"{named(others)}")
     unique = list({p.resolve(): p for p in found}.values())  # the same folder given twice counts once
     if not unique:
         raise RunError(f"no run folder among {', '.join(map(str, paths))}: pass folders written by train.py")

@@ -17,7 +17,7 @@ from data import CIFAR10_CLASSES, CROP_PCT
 from mvtec import MVTEC_CATEGORIES
 from plots import PlotError, table_png
 from checkpoint import write_atomically
-from record import TORCHVISION_CIFAR10, read_json, run_folders, write_text
+from record import TORCHVISION_CIFAR10, read_json, read_run_config, run_folders, write_text
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
 # One-class CIFAR-10: the paper's table (VGG16) and the ViT reproduction's README
@@ -151,7 +151,7 @@ def tables(paths) -> list[dict]:
         if not (run / "results.json").is_file():
             print(f"note: {run} is unfinished (no results.json): left out of the table", file=sys.stderr)
             continue
-        cfg = read_json(run / "config.json")
+        cfg = read_run_config(run)
         groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json"), run))
     if not groups:
         raise RunError(f"no finished run in {', '.join(map(str, paths))} (no results.json): nothing to tabulate")

@@ -1,6 +1,8 @@
 """The run record matches what ran: tables group comparable runs, resume compares what matters, names tell runs
 apart, figures are what they say (record.py, evaluate.py's tables)."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,16 +90,66 @@ def test_table_files_go_beside_the_runs_and_are_named(tmp_path, monkeypatch, cap
     assert (tmp_path / "mine.md").is_file() and not list(work.iterdir())
 
 
+def not_runs(folder: Path) -> dict:
+    """Folders holding a config.json that are no runs: a teacher's Hugging Face folder (as a download leaves it), a
+    timm model folder, a config.json without settings, unreadable JSON. Returns {name: what the note says}."""
+    kinds = {"hf-vit": ({"model_type": "vit", "num_attention_heads": 3}, "a Hugging Face model folder"),
+             "timm-vit": ({"architecture": "vit_small_patch16_224", "pretrained_cfg": {}}, "a timm model folder"),
+             "settingless": ({"teacher": {"sha256": "x"}}, "has no settings"),
+             "broken": (None, "is unreadable")}
+    for name, (config, _) in kinds.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{not json" if config is None else json.dumps(config))
+    (folder / "hf-vit" / "model.safetensors").write_bytes(b"\0" * 16)
+    return {name: said for name, (_, said) in kinds.items()}
+
+
 def test_evaluate_an_all_classes_folder(files, tmp_path, capsys):
     out = tmp_path / "all"
     assert train.main(argv_for(files, out, "vgg", cls="all")) == 0
     printed = capsys.readouterr().out
     assert f"class 1/3: {out / '0-ant'} (seed 0)" in printed and f"class 3/3: {out / '2-cow'}" in printed
+    said = not_runs(out / "downloads")  # other things in the folder of runs: named once each, never a traceback
     assert evaluate.main([str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, (note,) = captured.out, [line for line in captured.err.splitlines() if line.startswith("note:")]
     for sub in ("0-ant", "1-bee", "2-cow"):
         assert f"{out / sub}:" in printed
     assert printed.count("\ntest_auroc:") == 3
+    assert "left out 4 folders that are not runs" in note and all(f"{out / 'downloads' / n} (" in note for n in said)
+    assert all(what in note for what in said.values())
+    assert evaluate.main(["--table", str(out)]) == 0 and "left out 4 folders" in capsys.readouterr().err
+
+
+def test_what_is_not_a_run_is_named_never_a_traceback(files, tmp_path, capsys):
+    said = not_runs(tmp_path / "d")
+    for name, what in said.items():  # given by itself: one line, exit 2
+        assert evaluate.main([str(tmp_path / "d" / name)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {tmp_path / 'd' / name} is not a run folder: ") and what in last, last
+    runs = [fake_run(tmp_path / "d" / f"s{s}", seed=s) for s in (0, 1)]
+    (group,) = tables.tables([tmp_path / "d"])  # the table of the two runs; the others named
+    assert group["rows"][0]["runs"] == len(runs) and "left out 4 folders" in capsys.readouterr().err
+    assert train.main(argv_for(files, tmp_path / "d" / "hf-vit")) == 2  # --out a teacher's folder: refused
+    assert "is not a run folder: a Hugging Face model folder" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "hf-vit" / "config.json").read_text())["model_type"] == "vit"
+
+
+def test_a_table_on_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    run = fake_run(tmp_path / "runs" / "r")
+    real = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith("table."):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert evaluate.main(["--table", str(run), "--table-out", str(tmp_path / "out" / "table")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"error: could not write table.md in {tmp_path / 'out'} (Read-only file system; ") and \
+        "free there" in err
+    assert not list((tmp_path / "out").iterdir())  # no table.md.tmp left
 
 
 ## --------------------------------------------------------------------------------------------------------

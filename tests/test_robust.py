@@ -11,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 import checkpoint
+import distill
 import evaluate
+import knn
 import train
 from checkpoint import read_tensors
 from helpers import image_folder, save, torchvision_vit, vgg16_file, vit_teacher_file
@@ -287,6 +290,62 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, ca
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["student"].values()
                                        if v.is_floating_point())
     assert not (out / "results.json").exists()
+
+
+def poisoned_scores(monkeypatch, train_taps: bool, after_calls=0):
+    """KDAD.score gives inf for every image of its calls with train_taps (the validation loss) or without (the
+    anomaly scores), after the first `after_calls` such calls: a student that diverged without a non-finite
+    training loss."""
+    real, count = distill.KDAD.score, {"n": 0}
+
+    def score(self, x, taps=False):
+        out = real(self, x, taps)
+        if taps == train_taps:
+            count["n"] += 1
+            return out * float("inf") if count["n"] > after_calls else out
+        return out
+    monkeypatch.setattr(distill.KDAD, "score", score)
+
+
+def test_non_finite_validation_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    poisoned_scores(monkeypatch, train_taps=True, after_calls=1)  # epoch 1 validates fine, epoch 2 does not
+    fails(capsys, argv_for(files, out, "vit", "--epochs", "3"), "stopped: non-finite validation loss (3 of 3",
+          "at epoch 2", "try a lower --lr", "last good state (end of epoch 1)", code=3)
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1 and not (out / "results.json").exists()
+    monkeypatch.undo()
+    fails(capsys, [str(out)], "no student.safetensors", "stopped with non-finite validation loss", "lower --lr",
+          main=evaluate.main)
+
+
+@pytest.mark.parametrize("where, fragment", [("scores", "non-finite validation scores (9 of 9 NaN/inf) in the "
+                                                        "final scoring"),
+                                             ("knn", "non-finite teacher image features (kNN baseline)")])
+def test_non_finite_final_scores_or_features_stop_with_one_line(files, tmp_path, capsys, monkeypatch, where,
+                                                                fragment):
+    if where == "scores":
+        poisoned_scores(monkeypatch, train_taps=False)
+    else:  # the teacher's image features the kNN baseline keeps (e.g. an overflow at this precision)
+        monkeypatch.setattr(knn, "image_embedding", lambda teacher, last: torch.full((len(last), 4), float("nan")))
+    out = tmp_path / "r"
+    fails(capsys, argv_for(files, out), fragment, "no student.safetensors or results.json written", code=3)
+    assert (out / "state.pt").is_file() and not (out / "student.safetensors").exists()
+
+
+def test_evaluate_a_student_that_gives_non_finite_scores(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out, "vit", "--knn-k", "0")) == 0
+    poisoned_scores(monkeypatch, train_taps=False)  # e.g. evaluated at a precision where it overflows
+    fails(capsys, [str(out)], "non-finite validation scores (9 of 9 NaN/inf)", "--precision fp32", code=3,
+          main=evaluate.main)
+    nan_map = np.zeros((2, 4, 4))
+    nan_map[1, 2, 2] = float("nan")
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[1, :2] = True
+    for metric in (evaluate.pixel_auroc, evaluate.pro_score):
+        with pytest.raises(evaluate.NonFinite, match=r"non-finite anomaly-map pixels \(1 of 32 NaN/inf\)"):
+            metric(nan_map, masks)
 
 
 def test_crash_while_saving_leaves_the_previous_state_intact(files, tmp_path, monkeypatch):

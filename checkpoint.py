@@ -567,8 +567,19 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
         raise CheckpointError(f"{repo} has no revision {revision}") from None
     except LocalEntryNotFoundError:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        found = cached_snapshots(cache, repo, filename)
+        if len(found) == 1:  # offline, huggingface_hub finds a snapshot only through refs/<revision>
+            print(f"note: {why}, and the Hugging Face cache has no refs/{revision} for {repo} (copied without it?): "
+                  f"using its only snapshot that holds {filename}, {found[0].parent.name}", file=sys.stderr)
+            return found[0]
+        if found:
+            commits = ", ".join(f.parent.name[:12] for f in found)
+            raise CheckpointError(f"could not download {where}: {why}; the Hugging Face cache ({cache}) holds "
+                                  f"{filename} in {len(found)} snapshots of {repo} ({commits}) but no refs/{revision} "
+                                  f"says which is {revision}: pass one with --teacher {found[0]}") from None
         raise CheckpointError(f"could not download {where}: {why}, and it is not in the Hugging Face cache "
-                              f"({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
+                              f"({cache}); {advice}") from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
     except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)
@@ -579,6 +590,13 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
         raise CheckpointError(f"could not download {where} ({reason}); {advice}") from None
     finally:
         hf_logger.setLevel(level)
+
+
+def cached_snapshots(cache: Path, repo: str, filename: str) -> list[Path]:
+    """The copies of a repository's file in a Hugging Face cache: <cache>/models--<org>--<repo>/snapshots/<commit>/
+    <filename>, whatever refs/ says (or lacks)."""
+    snapshots = Path(cache) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return sorted(f for f in snapshots.glob(f"*/{filename}") if f.is_file())
 
 
 def forget(path: Path):

@@ -14,6 +14,7 @@ Plumbing beside data.py (the protocol): the sources here offer what data.one_cla
     source = open_source("path/to/cifar10-jpeg", image_size=224)   # or None: torchvision's CIFAR-10
     label = class_index(source, "cat")                              # 3
 """
+import errno
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint import write_error
 from cli import counted, named, note
 from data import CIFAR10_CLASSES, CROP_PCT, DataError, resize_size
 from images import IMAGE_EXTENSIONS, UnreadableImage, read_image, square
@@ -265,12 +267,25 @@ class TorchvisionCIFAR10(Source):
             except Exception as e:  # no network, a full disk, a damaged archive
                 if created and self.root.is_dir() and not any(self.root.rglob("*.tar.gz")):
                     shutil.rmtree(self.root, ignore_errors=True)  # a failed first download leaves no folder behind
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "
-                                f"network' in the README: --data-dir takes an image folder with train/<class>/ and "
-                                f"test/<class>/") from None
+                raise self.failed(e) from None
             self._data[split] = ds.data  # (N, 32, 32, 3) uint8
             self.labels[split] = np.array(ds.targets, dtype=np.int64)
+
+    def failed(self, e: Exception) -> Exception:
+        """The one line for a failed torchvision CIFAR-10: a damaged file in root (torchvision then tries to
+        download it again, and offline says only that the network is down), a full disk, or no network."""
+        damaged = damaged_cifar10(self.root)
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            return DataError(f"{damaged[0]} is damaged{more}: its md5 is not the one torchvision publishes (a "
+                             f"truncated copy or an interrupted download); delete it and run again to download "
+                             f"CIFAR-10 afresh, or see 'Without network' in the README")
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            return write_error(e.filename or self.root / "cifar-10-python.tar.gz", e.strerror)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "
+                         f"network' in the README: --data-dir takes an image folder with train/<class>/ and "
+                         f"test/<class>/")
 
     def class_has_images(self, split: str, label: int) -> bool:
         return True
@@ -280,6 +295,16 @@ class TorchvisionCIFAR10(Source):
 
     def decode_report(self, split: str, idx) -> tuple[list, list]:
         return [], []
+
+
+def damaged_cifar10(root: Path) -> list[str]:
+    """The files of a torchvision CIFAR-10 download in root (the archive, the batches extracted from it) that are
+    there but whose md5 is not the one torchvision checks them against: '<path> (<size> bytes)' each."""
+    from torchvision.datasets.cifar import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+    files = [(root / CIFAR10.filename, CIFAR10.tgz_md5)] + [
+        (root / CIFAR10.base_folder / name, md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    return [f"{f} ({f.stat().st_size} bytes)" for f, md5 in files if f.is_file() and not check_integrity(str(f), md5)]
 
 
 def open_source(data_dir=None, data_root="./data", image_size=224, crop_pct=CROP_PCT, dataset="cifar10"):

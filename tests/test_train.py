@@ -149,3 +149,18 @@ def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path):
     assert config["teacher"]["config"]["mean"] == [0.5] * 3 and config["teacher"]["config"]["std"] == [0.5] * 3
     results = json.loads((out / "results.json").read_text())
     assert evaluate.evaluate_run(out, torch.device("cpu"))["test_auroc"] == pytest.approx(results["test_auroc"])
+
+
+def test_each_logged_lr_is_the_lr_its_epoch_trained_with(files, tmp_path, monkeypatch):
+    """The ViT recipe multiplies the lr by 0.2 after its milestone epoch (here moved to 1 to keep the test short):
+    log.jsonl's lr of each epoch is the lr of every step of that epoch, never the next epoch's."""
+    monkeypatch.setitem(train.RECIPES["cifar10"]["vit"], "milestones", [1])
+    used, real = [], train.train_step
+
+    def step(kdad, opt, *args, **kwargs):
+        used.append(opt.param_groups[0]["lr"])
+        return real(kdad, opt, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step)
+    assert run(files, tmp_path / "r", "vit", "--epochs", "3", "--lr", "1e-3") == 0  # 2 steps per epoch
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-3, 2e-4, 2e-4]) and used == pytest.approx([1e-3] * 2 + [2e-4] * 4)

@@ -21,7 +21,8 @@ if __name__ == "__main__":  # flags first: --help and a mistyped flag answer bef
     cli.evaluate_args(sys.argv[1:])
     cli.quiet_interrupt()
 
-from pathlib import Path  # the rest waits for the flag check above
+from dataclasses import asdict  # the rest waits for the flag check above
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from data import CROP_PCT, DataError, Preprocess, batches, one_class_data
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from folders import open_source
 from plots import PlotError, draw_run, pyplot
-from record import EVALUATE_KEYS, read_json, read_run_config, run_folders
+from record import EVALUATE_KEYS, read_json, read_run_config, run_folders, teacher_changes
 from tables import fmt, write_table
 
 
@@ -195,7 +196,12 @@ def load_run(run_dir, device, precision=None):
     if sha256(t["path"]) != t["sha256"]:
         raise RunError(f"teacher file {t['path']} has changed since training (sha256 differs from config.json): "
                        f"restore the original file or train again")
-    teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"])
+    teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"],
+                           s.get("teacher_heads"))
+    changed = teacher_changes(t["config"], asdict(teacher.cfg))
+    if changed:  # the same file, described otherwise: its config.json beside it changed or is gone
+        raise RunError(f"the teacher of {run} is described otherwise than when it was trained ({changed}): its "
+                       f"config.json beside {t['path']} was changed or removed; put it back as it was")
     teacher = place(teacher, device, s["backbone"])
     student = place(load_student(run / "student.safetensors", make_student(s["backbone"], teacher)), device,
                     s["backbone"])

@@ -22,7 +22,7 @@ from cli import RunError, pick_device, pick_precision
 from data import CIFAR10_CLASSES, DataError, one_class_data
 from distill import load_teacher, place, student_config_for, taps_for
 from folders import class_index, open_source
-from record import TORCHVISION_CIFAR10, Run, default_run_dir, teacher_name, write_text
+from record import TORCHVISION_CIFAR10, Run, default_run_dir, read_json, teacher_changes, teacher_name, write_text
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
@@ -61,6 +61,11 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                  "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
                  "optimizer": args.optimizer.__name__}
     resume = run.open(settings, args.resume, args.overwrite, finished_ok)
+    changed = resume and teacher_changes(read_json(run.path / "config.json")["teacher"].get("config", {}),
+                                         asdict(teacher.cfg))
+    if changed:  # the same file, described otherwise (its config.json, --teacher-heads): another network
+        raise RunError(f"cannot resume {run}: the teacher is described otherwise than when it was saved ({changed}): "
+                       f"its config.json was changed or removed, or --teacher-heads differs; put it back as it was")
     done = run.results() if resume else None
     if done and done["epochs"] >= args.epochs:
         epochs = f"{done['epochs']} epoch" + "s" * (done["epochs"] != 1)
@@ -102,10 +107,16 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
 ## The teacher, and the command line.
 
 def describe(teacher) -> str:
+    """The teacher: line's description: the network, and where what its tensors do not say came from."""
     c = teacher.cfg
     if hasattr(c, "patch_size"):
-        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, patch {c.patch_size}, {c.registers} "
-                f"registers, at {c.image_size} px, mean/std {c.mean}/{c.std}")
+        said = getattr(teacher, "described", {})
+        heads = f"{c.heads} head{'s' * (c.heads != 1)} ({said.get('heads', 'assumed')}"
+        heads += "; --teacher-heads N if not)" if said.get("heads", "assumed").startswith("assumed") else ")"
+        norm = f" (from {said['eps']})" if "eps" in said else ""
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {heads}, patch {c.patch_size}, "
+                f"{c.registers} registers, LayerNorm eps {c.eps:g}{norm}, at {c.image_size} px, mean/std "
+                f"{c.mean}/{c.std}" + (f" (from {said['mean']})" if "mean" in said else ""))
     return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
 
 
@@ -114,15 +125,16 @@ def prepare_teacher(args, device):
     name = args.teacher
     found = resolve_teacher(name, args.cache_dir)
     path, preset = found.path, found.preset
-    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
-                    args.backbone)
+    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std,
+                                 args.teacher_heads), device, args.backbone)
     info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset, "origin": found.origin,
             "path": str(Path(path).resolve()), "sha256": sha256(path),
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
             "label_leak": preset == "vit-b16-cifar10"}
     print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
-    if not preset and args.teacher_mean is None and str(getattr(teacher, "layout", "")).startswith(("timm",
-                                                                                                      "huggingface")):
+    said = getattr(teacher, "described", {})
+    if not preset and args.teacher_mean is None and "mean" not in said and \
+            str(getattr(teacher, "layout", "")).startswith(("timm", "huggingface")):
         print(f"  note: normalising with the {teacher.layout} family's usual mean/std {teacher.cfg.mean}/"
               f"{teacher.cfg.std}; a checkpoint trained with other values needs --teacher-mean/--teacher-std")
     if info["label_leak"]:

@@ -222,6 +222,21 @@ def same_code(a: dict, b: dict) -> bool:
     return a.get("sources_sha256") == b.get("sources_sha256")
 
 
+# What the teacher's file does not hold but its folder (config.json) or a flag may say: a run records them
+# (config.json "teacher"."config") and is only resumed or re-evaluated with the same.
+DESCRIBED = ("heads", "eps", "mean", "std")
+
+
+def teacher_changes(saved: dict, now: dict) -> str | None:
+    """'heads 3 -> 1, eps 1e-05 -> 1e-12' between a run's recorded teacher config and the teacher loaded now (both
+    as dataclasses.asdict of its config), or None. Fields a run of older code did not record are not compared."""
+    def norm(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+    changed = [f"{k} {norm(saved[k])} -> {norm(now.get(k))}" for k in DESCRIBED
+               if k in saved and norm(saved[k]) != norm(now.get(k))]
+    return ", ".join(changed) or None
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## state.pt: everything a run needs to continue exactly where it stopped.
 

@@ -137,8 +137,8 @@ def class_order(names) -> list[str]:
 class ImageFolder(Source):
     """root/{train,test}/<class>/<image>, read as a person sees it (see the module docstring)."""
 
-    def __init__(self, root, load_size: int):
-        self.root, self.load_size = Path(root), load_size
+    def __init__(self, root, load_size: int, whole: bool = False):
+        self.root, self.load_size, self.whole = Path(root), load_size, whole  # whole: images.square's geometry
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root} (pass --data-dir DIR with train/ and test/ in it)")
         for split in ("train", "test"):
@@ -195,7 +195,7 @@ class ImageFolder(Source):
             a, notes = read_image(path)
         except UnreadableImage as e:
             return None, str(e)
-        a, resized = square(a, self.load_size)
+        a, resized = square(a, self.load_size, self.whole)
         return a, notes + [resized] * bool(resized)
 
     def images(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -308,15 +308,17 @@ def damaged_cifar10(root: Path) -> list[str]:
 
 
 def open_source(data_dir=None, data_root="./data", image_size=224, crop_pct=CROP_PCT, dataset="cifar10"):
-    """An image folder (--data-dir) whose images are stored at the recipe's resize side, an MVTec AD root
-    (dataset "mvtec"), or torchvision's CIFAR-10 (downloaded into data_root)."""
-    side = resize_size(image_size, crop_pct)
+    """An image folder (--data-dir) whose images are stored at the recipe's resize side by its geometry (crop_pct 1:
+    the whole image resized to a square; otherwise the shorter side resized and the center cropped, see
+    images.square), an MVTec AD root (dataset "mvtec"; its masks take the same geometry), or torchvision's
+    CIFAR-10 (downloaded into data_root)."""
+    side, whole = resize_size(image_size, crop_pct), crop_pct >= 1  # crop_pct 1: the whole image, resized
     if dataset == "mvtec":
         from mvtec import MVTecAD  # mvtec.py builds on ImageFolder
         if not data_dir:
             raise DataError("--dataset mvtec needs --data-dir: the MVTec AD folder (one folder per category)")
-        return MVTecAD(data_dir, side)
-    return ImageFolder(data_dir, side) if data_dir else TorchvisionCIFAR10(data_root)
+        return MVTecAD(data_dir, side, whole)
+    return ImageFolder(data_dir, side, whole) if data_dir else TorchvisionCIFAR10(data_root)
 
 
 

@@ -30,11 +30,12 @@ from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, os_error_line, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
-from data import CROP_PCT, DataError, Preprocess, batches, one_class_data
+from data import CROP_PCT, DataError, Preprocess, batches
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from folders import open_source
 from plots import PlotError, draw_run, pyplot
-from record import EVALUATE_KEYS, read_json, read_run_config, run_folders, teacher_changes
+from record import (EVALUATE_KEYS, ImagesChanged, data_as_recorded, read_json, read_run_config, run_folders,
+                    teacher_changes)
 from tables import fmt, write_table
 
 
@@ -208,7 +209,11 @@ def load_run(run_dir, device, precision=None):
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
     crop_pct, dataset = s.get("crop_pct", CROP_PCT), s.get("dataset", "cifar10")  # older runs: CIFAR-10's
     source = open_source(s["data_dir"], s["data_root"], s["image_size"], crop_pct, dataset)
-    data = one_class_data(source, s["cls"], s["seed"], s["limit"]).to(device)
+    try:  # exactly the images the run recorded (record.py); added files are named, changed ones refused
+        data = data_as_recorded(source, s["cls"], s["seed"], s["limit"], cfg, s["data_dir"]).to(device)
+    except ImagesChanged as e:
+        raise RunError(f"{run}: {e}; scored now, its figures would be another data set's, not this run's: put the "
+                       f"images back as they were, or train a new run on the folder as it is") from None
     if data.class_name != s.get("class_name", data.class_name):
         raise RunError(f"the classes of {s['data_dir']} changed since training: class {s['cls']} is now folder "
                        f"{data.class_name!r}, was {s['class_name']!r}")

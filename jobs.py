@@ -19,10 +19,11 @@ import cli
 from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, WriteError, os_error_line,
                         read_header, resolve_teacher, sha256)
 from cli import RunError, pick_device, pick_precision
-from data import CIFAR10_CLASSES, DataError, one_class_data
+from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
 from folders import class_index, open_source
-from record import TORCHVISION_CIFAR10, Run, default_run_dir, read_json, teacher_changes, teacher_name, write_text
+from record import (TORCHVISION_CIFAR10, ImagesChanged, Run, data_as_recorded, default_run_dir, image_record, read_json,
+                    teacher_changes, teacher_name, write_text)
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
@@ -48,7 +49,15 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     """Train and score one normal class into the run folder `run`; returns results.json's content. finished_ok:
     the same run already finished is reported, not refused (one job of many; see Run.open)."""
     started = time.time()
-    data = one_class_data(source, cls, args.seed, args.limit)
+    saved = run.saved_config() if args.resume else None
+    if saved and saved["settings"].get("class_name") != source.classes[class_index(source, cls)]:
+        saved = None  # another class: Run.open refuses it below
+    try:  # a saved run continues on exactly the images it recorded (new files in the folder are named, not used)
+        data = data_as_recorded(source, cls, args.seed, args.limit, saved, args.data_dir)
+    except ImagesChanged as e:
+        raise RunError(f"cannot resume {run}: {e}; continued now, the run would mix two data sets (its saved epochs "
+                       f"saw the images as they were): put them back as they were, or --overwrite to train afresh on "
+                       f"the folder as it is") from None
     if args.select == "val-auroc" and not data.val_has_anomalies:
         raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only the normal "
                        f"images of {data.class_name!r}: use --select final")
@@ -75,12 +84,14 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     if done:
         run.keep_earlier(done["epochs"])  # --resume with more epochs extends a finished run
     print(data.summary())
+    images = (saved or {}).get("images") if resume else None  # a resumed run keeps what it recorded first
     run.write_config({"settings": settings, "teacher": teacher_info,
                       "data": {"cifar10": is_cifar10(source), "classes": list(source.classes),
                                "test_only": list(source.test_only)} | data.record(),
                       "taps": asdict(taps_for(args.backbone, teacher)),
                       "student": asdict(student_config_for(args.backbone, teacher)),
-                      "torch": torch.__version__, "device": str(device)}, resume)
+                      "torch": torch.__version__, "device": str(device),
+                      "images": images or image_record(source, data, args.data_dir)}, resume)
     try:
         figures = fit(args, data.to(device), teacher, device, precision, run, resume)
     except Stop as e:  # diverged or interrupted: config.json says so, for evaluate.py

@@ -57,6 +57,7 @@ class MVTecAD(Source):
         self.test_only, self.folders = [], self.classes
         self.normal_classes = list(range(len(self.classes)))
         self.files, self.left_out = None, list(self.skipped)
+        self._categories = {}
 
     def class_has_images(self, split: str, label: int) -> bool:
         return (self.root / self.classes[label] / split / MVTEC_NORMAL).is_dir()
@@ -66,16 +67,23 @@ class MVTecAD(Source):
         test_masks holding the defects' pixels."""
         label = self.class_index(cls)
         folder = self.category(self.classes[label])
-        data = one_class_data(folder, MVTEC_NORMAL, seed, limit, val_fraction)
+        return self.with_masks(one_class_data(folder, MVTEC_NORMAL, seed, limit, val_fraction), label)
+
+    def with_masks(self, data, label: int):
+        """The one-class data of category `label`'s folder as MVTec AD data: its test masks, its category."""
+        folder = self.category(self.classes[label])
         data.test_masks = mvtec_masks(folder.root, data.test_files, folder.load_size, folder.whole)
         data.normal_class, data.class_name, data.mvtec = label, self.classes[label], True
         return data
 
     def category(self, name: str) -> ImageFolder:
-        folder = ImageFolder(self.root / name, self.load_size, self.whole)
-        if MVTEC_NORMAL not in folder.classes:
-            raise DataError(f"{folder.root}/train has no readable {MVTEC_NORMAL}/ images")
-        return folder
+        """The ImageFolder of one category (read once; its notes are said once)."""
+        if name not in self._categories:
+            folder = ImageFolder(self.root / name, self.load_size, self.whole)
+            if MVTEC_NORMAL not in folder.classes:
+                raise DataError(f"{folder.root}/train has no readable {MVTEC_NORMAL}/ images")
+            self._categories[name] = folder
+        return self._categories[name]
 
 
 def mvtec_masks(category_root: Path, test_files: list, side: int, whole: bool = True) -> torch.Tensor:
@@ -92,10 +100,9 @@ def mvtec_masks(category_root: Path, test_files: list, side: int, whole: bool = 
     out = np.zeros((len(test_files), side, side), dtype=bool)
     empty, lost_all, pixels, cut = [], [], 0, 0
     for i, f in enumerate(map(Path, test_files)):
-        defect = f.relative_to(category_root / "test").parts[0]
-        if defect == MVTEC_NORMAL:
+        mask_path = mask_file(category_root, f)
+        if mask_path is None:  # test/good
             continue
-        mask_path = category_root / "ground_truth" / defect / f"{f.stem}_mask.png"
         if not mask_path.is_file():
             raise DataError(f"test image {f.relative_to(category_root)} has no mask: expected "
                             f"{mask_path.relative_to(category_root)}")
@@ -130,6 +137,13 @@ def mvtec_masks(category_root: Path, test_files: list, side: int, whole: bool = 
              f"<defect>/<name>_mask.png beside test/<defect>/<name>) and are left out: "
              + named(str(p.relative_to(category_root / "ground_truth")) for p in orphans))
     return torch.from_numpy(out)
+
+
+def mask_file(category_root: Path, test_file: Path) -> Path | None:
+    """ground_truth/<defect>/<name>_mask.png of test/<defect>/<name>.<ext>; None for a test/good image."""
+    defect = Path(test_file).relative_to(Path(category_root) / "test").parts[0]
+    return None if defect == MVTEC_NORMAL else Path(category_root) / "ground_truth" / defect / \
+        f"{Path(test_file).stem}_mask.png"
 
 
 def fit_mask(mask: np.ndarray, side: int, whole: bool = True) -> tuple[np.ndarray, int]:

@@ -23,6 +23,7 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint import save_tensors, write_atomically
@@ -167,6 +168,11 @@ class Run:
             return False
         return True
 
+    def saved_config(self) -> dict | None:
+        """config.json of the run saved here, or None (no run here yet, or a folder Run.open will refuse)."""
+        has = (self.path / "config.json").is_file() and not not_a_run(self.path)
+        return read_json(self.path / "config.json") if has else None
+
     def results(self) -> dict | None:
         """results.json of a finished run, or None."""
         return read_json(self.path / "results.json") if (self.path / "results.json").exists() else None
@@ -188,6 +194,8 @@ class Run:
                   f"{now['sources_sha256']}, git {saved[-1]['git']} -> {now['git']}); it continues with this code, "
                   f"and config.json keeps every version with the epochs it trained", file=sys.stderr)
         self.config = config | {"code": saved}
+        if "images" in self.config:  # the long file lists go last
+            self.config["images"] = self.config.pop("images")
         write_json(self.path / "config.json", self.config)
 
     def end_epoch(self, epoch: int, history: list[dict]):
@@ -235,6 +243,163 @@ def teacher_changes(saved: dict, now: dict) -> str | None:
     changed = [f"{k} {norm(saved[k])} -> {norm(now.get(k))}" for k in DESCRIBED
                if k in saved and norm(saved[k]) != norm(now.get(k))]
     return ", ".join(changed) or None
+
+
+## --------------------------------------------------------------------------------------------------------
+## The images a run was trained, validated and tested on (config.json "images"), and the same split again for
+## --resume and evaluate.py: a folder that changed since is said, or refused, never scored or trained on silently.
+##
+##     "images": {"kind": "image folder", "root": <data folder>,
+##                "splits": {"train" | "val" | "test": {"count": N, "sha256": <over the files' digests>,
+##                                                      "files": {<path under root>: <sha256 of its bytes, 16 hex>}},
+##                           (MVTec AD) "test" also "masks": {<ground_truth path>: <digest>}},
+##                "folders": {<split/class folder>: {"count": N, "names_sha256": <over its sorted file names>}}}
+##     torchvision's CIFAR-10: {"kind": "torchvision CIFAR-10", "splits": {part: {"count", "sha256" of the pixels}}}
+
+PARTS = (("train", "train"), ("val", "train"), ("test", "test"))  # a run's split and the folder split it comes from
+PART_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+class ImagesChanged(ValueError):
+    """A run's recorded images are gone or changed in its data folder; str(e) says which (counts, examples)."""
+
+
+@cache
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path) -> str | None:
+    """The first 16 hex digits of a file's sha256 (taken once per file version in a process); None when it
+    cannot be read."""
+    try:
+        st = os.stat(path)
+        return _digest(str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def digest_of(items) -> str:
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()[:16]
+
+
+def under(path, root) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def folder_names(folder, root) -> dict:
+    """{<split>/<class folder> under root: its image files' names under root, sorted} of an ImageFolder: what
+    decides its split."""
+    out = {}
+    for split in ("train", "test"):
+        for f, label in zip(folder.files[split], folder.labels[split], strict=True):
+            out.setdefault(under(Path(folder.root) / split / folder.folders[label], root), []).append(under(f, root))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def listing(names: dict) -> dict:
+    return {k: {"count": len(v), "names_sha256": digest_of(v)} for k, v in names.items()}
+
+
+def image_record(source, data, root) -> dict:
+    """config.json's "images" for one-class data `data` drawn from `source` (data.py), file paths under `root` (the
+    --data-dir)."""
+    if data.train_files is None:  # torchvision's CIFAR-10: the pixels themselves
+        return {"kind": TORCHVISION_CIFAR10, "splits": {part: {"count": len(x), "sha256": pixel_digest(x)} for
+                                                         part, x in (("train", data.train), ("val", data.val),
+                                                                     ("test", data.test))}}
+    splits = {}
+    for part, files in (("train", data.train_files), ("val", data.val_files), ("test", data.test_files)):
+        digests = {under(f, root): file_digest(f) for f in files}
+        splits[part] = {"count": len(files), "sha256": digest_of(f"{n} {d}" for n, d in digests.items()),
+                        "files": digests}
+    folder = source.category(data.class_name) if data.mvtec else source
+    if data.mvtec:
+        from mvtec import mask_file
+        masks = [m for m in (mask_file(folder.root, f) for f in data.test_files) if m is not None]
+        splits["test"]["masks"] = {under(m, root): file_digest(m) for m in masks}
+    return {"kind": "image folder", "root": str(Path(root).resolve()), "splits": splits,
+            "folders": listing(folder_names(folder, root))}
+
+
+def pixel_digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def data_as_recorded(source, cls, seed: int, limit, saved: dict | None, root):
+    """The one-class data of a saved run (its config.json `saved`): exactly the images it recorded, by name,
+    whatever was added to the folder since (named in a note); data.one_class_data for a run that recorded none
+    (older code: said) or a new run (saved None). Raises ImagesChanged naming the recorded images that are gone or
+    changed (and torchvision CIFAR-10 pixels that differ)."""
+    from data import load_splits, one_class_data
+    recorded = (saved or {}).get("images")
+    if recorded is None:
+        if saved is not None:
+            note("this run recorded no fingerprint of its images (trained by older code): nothing can tell whether "
+                 "they are the images it was trained on")
+        return one_class_data(source, cls, seed, limit)
+    if recorded["kind"] == TORCHVISION_CIFAR10:
+        data = one_class_data(source, cls, seed, limit)
+        differ = [f"{PART_NAMES[p]} images differ (sha256 of the pixels)" for p, x in
+                  (("train", data.train), ("val", data.val), ("test", data.test))
+                  if pixel_digest(x) != recorded["splits"][p]["sha256"]]
+        if differ:
+            raise ImagesChanged(f"torchvision's CIFAR-10 in {source.root} is not the one this run used: "
+                                + ", ".join(differ))
+        return data
+    name = saved["settings"]["class_name"]
+    mvtec = hasattr(source, "category")
+    folder = source.category(name) if mvtec else source
+    index = {split: {under(f, root): i for i, f in enumerate(folder.files[split])} for split in ("train", "test")}
+    chosen, problems = {}, []
+    for part, split in PARTS:
+        files = recorded["splits"][part]["files"]
+        here = [n for n in files if n in index[split]]
+        gone = [n for n in files if n not in index[split]]
+        changed = [n for n in here if file_digest(Path(root) / n) != files[n]]
+        for what, names in (("gone", gone), ("changed", changed)):
+            if names:
+                problems.append(f"{PART_NAMES[part]}: {len(names)} of {len(files)} {what} (e.g. {names[0]})")
+        chosen[part] = np.array([index[split][n] for n in here], dtype=np.int64)
+    masks = recorded["splits"]["test"].get("masks", {})
+    changed = [n for n, d in masks.items() if file_digest(Path(root) / n) != d]
+    if changed:
+        problems.append(f"masks: {len(changed)} of {len(masks)} changed or gone (e.g. {changed[0]})")
+    if problems:
+        raise ImagesChanged(f"the images this run recorded changed in {root} since: " + "; ".join(problems))
+    normal = "good" if mvtec else name
+    data = load_splits(folder, folder.classes.index(normal), chosen, 0.1)
+    if mvtec:
+        data = source.with_masks(data, source.classes.index(name))
+    if [len(data.train), len(data.val), len(data.test)] != [len(chosen[p]) for p, _ in PARTS]:
+        raise ImagesChanged(f"some of the images this run recorded in {root} can no longer be read (see the notes)")
+    say_folder_changes(recorded, folder_names(folder, root), root)
+    return data
+
+
+def say_folder_changes(recorded: dict, names: dict, root):
+    """One note when the class folders a run drew its split from hold other files than they did (`names`: now, by
+    folder_names), its own images being all there, unchanged: which folders, by how many, with an example of a new
+    file where every file of the folder was the run's (elsewhere a file the run did not use may be an old one)."""
+    then, now = recorded.get("folders", {}), listing(names)
+    used = {n for part in recorded["splits"].values() for n in part["files"]}
+    changes = []
+    for key in sorted(then.keys() | now.keys()):
+        a, b = then.get(key, {"count": 0}), now.get(key, {"count": 0})
+        if a.get("names_sha256") == b.get("names_sha256"):
+            continue
+        new = [n for n in names.get(key, []) if n not in used]
+        whole = a["count"] == sum(n.startswith(key + "/") for n in used)  # the folder was all the run's
+        changes.append(f"{key} {a['count']} -> {b['count']} files" + (f" (e.g. {new[0]})" if whole and new else ""))
+    if changes:
+        total = {p: recorded["splits"][p]["count"] for p in ("train", "val", "test")}
+        note(f"{root} changed since this run recorded it: {named(changes)}; the run's own {total['train']} training, "
+             f"{total['val']} validation and {total['test']} test images are all there, unchanged, and only they are "
+             f"used (its figures are this run's; the other files are not part of it)")
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -269,3 +269,20 @@ def test_a_mask_the_geometry_empties_is_named(tmp_path, capsys):
     Image.new("L", (96, 64)).save(empty)  # a defective image whose mask holds no defect pixel
     data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide")
     assert "1 defective image has an empty mask (no defect pixel): broken/001.png" in capsys.readouterr().err
+
+
+def test_a_changed_mask_is_refused_for_a_recorded_run(tmp_path):
+    import record
+    root, _ = wide_category(tmp_path / "wide", edge=False)
+    d = data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide")
+    saved = {"settings": {"class_name": "wide"}, "images": record.image_record(
+        folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), d, root)}
+    assert len(saved["images"]["splits"]["test"]["masks"]) == 4  # the masks are part of what the run scored
+    again = record.data_as_recorded(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide",
+                                    0, None, saved, root)
+    assert torch.equal(again.test_masks, d.test_masks) and again.mvtec and again.class_name == "wide"
+    Image.new("L", (96, 64), 255).save(Path(root) / "wide" / "ground_truth" / "broken" / "002_mask.png")
+    with pytest.raises(record.ImagesChanged, match=r"masks: 1 of 4 changed or gone \(e.g. wide/ground_truth/broken/"
+                                                   r"002_mask.png\)"):
+        record.data_as_recorded(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide", 0,
+                                None, saved, root)

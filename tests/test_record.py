@@ -5,7 +5,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import evaluate
 import record
@@ -267,3 +269,85 @@ def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsy
 def test_default_names_can_be_pasted_into_a_shell():
     assert record.default_run_dir("vit", "my teacher", "My Pets", "My Cat", 0, 224, None, 10, 10) == \
         Path("runs/vit-my_teacher-My_Pets-My_Cat-s0")
+
+
+## --------------------------------------------------------------------------------------------------------
+## The data changed after training: what a run recorded is what is scored and what a resumed run trains on.
+
+def grow(data: Path, n_train: int, n_test: int, cls="bee"):
+    """Add images to a class folder after a run, as a user drops new pictures in."""
+    import shutil
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            shutil.copy(data / split / "ant" / f"{i:03d}.png", data / split / cls / f"new{i:03d}.png")
+
+
+def test_evaluate_scores_the_images_the_run_recorded(files, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+    data = Path(shutil.copytree(files["data"], tmp_path / "data"))
+    out = tmp_path / "r"
+    assert train.main(argv_for(files, out, "vit", "--data-dir", str(data), "--knn-k", "0")) == 0
+    recorded = json.loads((out / "config.json").read_text())["images"]
+    assert [recorded["splits"][p]["count"] for p in ("train", "val", "test")] == [27, 9, 30]
+    assert recorded["splits"]["test"]["files"]["test/ant/000.png"] == record.file_digest(data / "test/ant/000.png")
+    grow(data, n_train=6, n_test=4)  # the folder gains images after the run
+    capsys.readouterr()
+    _, _, d, _, _ = evaluate.load_run(out, torch.device("cpu"))
+    assert [record.under(f, data) for f in d.test_files] == list(recorded["splits"]["test"]["files"])  # 30, not 34
+    assert [record.under(f, data) for f in d.val_files] == list(recorded["splits"]["val"]["files"])
+    note = capsys.readouterr().err
+    assert "test/bee 10 -> 14 files (e.g. test/bee/new000.png)" in note and "train/bee 30 -> 36 files" in note
+    assert "the run's own 27 training, 9 validation and 30 test images are all there, unchanged" in note
+
+    picture = data / "test" / "ant" / "001.png"  # replaced in place: same name, other pixels
+    Image.fromarray(255 - np.asarray(Image.open(picture))).save(picture)
+    (data / "train" / "cow" / recorded["splits"]["val"]["files"].popitem()[0].split("/")[-1]).unlink()
+    assert evaluate.main([str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "validation: 1 of 9 gone (e.g. train/cow/" in last and "test: 1 of 30 changed (e.g. test/ant/001.png)" \
+        in last and "its figures would be another data set's, not this run's" in last
+
+
+def test_resume_trains_on_the_split_the_run_recorded(files, tmp_path, capsys):
+    import shutil
+    data = Path(shutil.copytree(files["data"], tmp_path / "data"))
+    out = tmp_path / "r"
+    argv = argv_for(files, out, "vit", "--data-dir", str(data), "--knn-k", "0")
+    assert train.main(argv) == 0
+    before = json.loads((out / "config.json").read_text())["images"]
+    grow(data, n_train=10, n_test=0)  # split again now, bee's held-out images would be others
+    assert train.main(argv + ["--epochs", "2", "--resume"]) == 0
+    assert "train/bee 30 -> 40 files" in capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in log] == [27, 27]  # the same 27 training images, never a held-out one
+    assert json.loads((out / "config.json").read_text())["images"]["splits"] == before["splits"]
+    (data / "train" / "bee" / next(iter(before["splits"]["train"]["files"])).split("/")[-1]).unlink()
+    assert train.main(argv + ["--epochs", "3", "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot resume {out}: the images this run recorded changed") and \
+        "training: 1 of 27 gone (e.g. train/bee/" in last
+
+
+def test_torchvision_cifar10_is_checked_by_its_pixels(tmp_path, monkeypatch):
+    import torchvision
+
+    import data as data_module
+    import folders
+    pixels = {"train": np.random.default_rng(0).integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+              "test": np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)}
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            self.data = pixels["train" if train else "test"]
+            self.targets = [i % 10 for i in range(len(self.data))]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    source = folders.open_source(None, tmp_path, image_size=32)
+    d = data_module.one_class_data(source, "cat")
+    saved = {"settings": {"class_name": "cat"}, "images": record.image_record(source, d, None)}
+    again = record.data_as_recorded(folders.open_source(None, tmp_path, image_size=32), "cat", 0, None, saved, None)
+    assert torch.equal(again.test, d.test)
+    pixels["test"][5, 0, 0] += 1  # one pixel of one test image
+    with pytest.raises(record.ImagesChanged, match="is not the one this run used: test images differ"):
+        record.data_as_recorded(folders.open_source(None, tmp_path, image_size=32), "cat", 0, None, saved, None)

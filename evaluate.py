@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from checkpoint import CheckpointError, check_finite, check_state_dict, os_error_line, read_tensors, sha256
+from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
 from data import CROP_PCT, DataError, Preprocess, batches
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
@@ -37,6 +37,7 @@ from plots import PlotError, draw_run, pyplot
 from record import (EVALUATE_KEYS, ImagesChanged, data_as_recorded, read_json, read_run_config, run_folders,
                     teacher_changes)
 from tables import fmt, write_table
+from writes import os_error_line
 
 
 ## --------------------------------------------------------------------------------------------------------

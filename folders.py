@@ -14,7 +14,6 @@ Plumbing beside data.py (the protocol): the sources here offer what data.one_cla
     source = open_source("path/to/cifar10-jpeg", image_size=224)   # or None: torchvision's CIFAR-10
     label = class_index(source, "cat")                              # 3
 """
-import errno
 import os
 import re
 import shutil
@@ -26,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import write_error
 from cli import counted, named, note
 from data import CIFAR10_CLASSES, CROP_PCT, DataError, resize_size
 from images import IMAGE_EXTENSIONS, UnreadableImage, read_image, square
+from writes import NO_ROOM, write_error
 
 
 class Source:
@@ -280,7 +279,7 @@ class TorchvisionCIFAR10(Source):
             return DataError(f"{damaged[0]} is damaged{more}: its md5 is not the one torchvision publishes (a "
                              f"truncated copy or an interrupted download); delete it and run again to download "
                              f"CIFAR-10 afresh, or see 'Without network' in the README")
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
             return write_error(e.filename or self.root / "cifar-10-python.tar.gz", e.strerror)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import (DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, WriteError, os_error_line,
-                        read_header, resolve_teacher, sha256)
+from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
 from cli import RunError, pick_device, pick_precision
 from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
@@ -27,6 +26,7 @@ from record import (TORCHVISION_CIFAR10, ImagesChanged, Run, data_as_recorded, d
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
+from writes import WriteError, os_error_line
 
 USER_ERRORS = (CheckpointError, DataError, RunError)
 

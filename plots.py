@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-from checkpoint import write_atomically
 from data import ANOMALOUS, NORMAL
+from writes import write_atomically
 
 DPI = 100
 FIGSIZE = {"roc": (5.5, 5.5), "scores": (6.5, 4.5), "training": (6.5, 4.5), "maps": (12, 7.6), "table": (11, 5.5)}
@@ -49,7 +49,7 @@ def pyplot():
 
 
 def save(fig, path: Path):
-    """A figure as a PNG, written whole or not at all (checkpoint.write_atomically: WriteError on a full disk)."""
+    """A figure as a PNG, written whole or not at all (writes.write_atomically: WriteError on a full disk)."""
     try:
         write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     finally:

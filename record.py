@@ -8,7 +8,7 @@
         student.safetensors  the chosen student (best.safetensors too with --select val-auroc)
         results.json         val/test AUROC and the run's figures, written once at the end
 
-Every file is written to a temporary name and renamed into place (checkpoint.write_atomically), so a crash or a
+Every file is written to a temporary name and renamed into place (writes.write_atomically), so a crash or a
 kill at any moment leaves the previous version or the new one, never half of one. A run folder is never reused
 silently: another configuration, an unfinished run or a finished one is refused unless --resume or --overwrite says
 what to do. train.py writes the record; evaluate.py reads it.
@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import save_tensors, write_atomically
+from checkpoint import save_tensors
 from cli import RunError, counted, named, note
+from writes import write_atomically
 
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
 # only where they matter (`data` is the image folder, or "torchvision CIFAR-10" wherever it was downloaded); the

@@ -16,8 +16,8 @@ from cli import RunError
 from data import CIFAR10_CLASSES, CROP_PCT
 from mvtec import MVTEC_CATEGORIES
 from plots import PlotError, table_png
-from checkpoint import write_atomically
 from record import TORCHVISION_CIFAR10, read_json, read_run_config, run_folders, write_text
+from writes import write_atomically
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
 # One-class CIFAR-10: the paper's table (VGG16) and the ViT reproduction's README

@@ -475,7 +475,8 @@ class Snapshots:
         if self.path.exists():
             e, step = self.state["epoch"], self.state["partial"]["step"]
             where = f"epoch {e + 1}, step {step}" if step else f"end of epoch {e}"
-            return f"the last good state ({where}) is kept in {self.path}{resume}"
+            return f"the last good state ({where}) is kept in {self.path} (resumed with the same settings, it would " \
+                   f"diverge again)"
         return "nothing was saved yet"
 
 

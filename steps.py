@@ -19,7 +19,7 @@ from cli import progress
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check waits for the device once)
 SHOW_EVERY = 10   # steps between updates of the progress bar's loss (each one waits for the device too)
-DIVERGED = "the student diverged: try a lower --lr or --precision fp32"
+DIVERGED = "the student diverged: try a lower --lr or --precision fp32, with --overwrite"
 
 
 class Stop(Exception):

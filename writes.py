@@ -10,6 +10,7 @@ free space there.
 """
 import contextlib
 import errno
+import gc
 import os
 import re
 import shutil
@@ -96,13 +97,16 @@ def write_atomically(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # what open() gives a new file; safetensors' writer makes its files 0600
         os.replace(tmp, path)
+        reason = None
     except BaseException as e:
         with contextlib.suppress(OSError):  # half a file would keep the disk full for the retry
             tmp.unlink(missing_ok=True)
         reason = write_failure(e)
         if reason is None:
             raise
-        raise write_error(path, reason) from None
+    if reason is not None:  # out of the except block, so the failed writer can be collected and its space freed
+        gc.collect()
+        raise write_error(path, reason)
     try:  # and the rename itself (POSIX; elsewhere the OS does not let a folder be opened)
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)

@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from writes import NO_ROOM, WriteError, write_atomically, write_error
+
 # torch (and safetensors.torch, which imports it) are imported inside the functions that use them: cli.py reads
 # PRESETS from here before train.py imports torch, so that --help and a bad flag answer at once.
 
@@ -151,26 +153,6 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomically(path, write):
-    """write(tmp) writes the file under a temporary name; it is flushed to disk and then renamed over `path`, so
-    a crash or kill at any moment leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # what open() gives a new file; safetensors' writer makes its files 0600
-    os.replace(tmp, path)
-    try:  # and the rename itself (POSIX; elsewhere the OS does not let a folder be opened)
-        fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None):
@@ -491,15 +473,36 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
         raise CheckpointError(f"{repo} has no revision {revision}") from None
     except LocalEntryNotFoundError:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        found = cached_snapshots(cache, repo, filename)
+        if len(found) == 1:  # offline, huggingface_hub finds a snapshot only through refs/<revision>
+            print(f"note: {why}, and the Hugging Face cache has no refs/{revision} for {repo} (copied without it?): "
+                  f"using its only snapshot that holds {filename}, {found[0].parent.name}", file=sys.stderr)
+            return found[0]
+        if found:
+            commits = ", ".join(f.parent.name[:12] for f in found)
+            raise CheckpointError(f"could not download {where}: {why}; the Hugging Face cache ({cache}) holds "
+                                  f"{filename} in {len(found)} snapshots of {repo} ({commits}) but no refs/{revision} "
+                                  f"says which is {revision}: pass one with --teacher {found[0]}") from None
         raise CheckpointError(f"could not download {where}: {why}, and it is not in the Hugging Face cache "
-                              f"({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
+                              f"({cache}); {advice}") from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
     except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            raise write_error(e.filename or Path(cache_dir or constants.HF_HUB_CACHE) / filename,
+                              e.strerror) from None  # the cache's disk, not the network
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"could not download {where} ({reason}); {advice}") from None
     finally:
         hf_logger.setLevel(level)
+
+
+def cached_snapshots(cache: Path, repo: str, filename: str) -> list[Path]:
+    """The copies of a repository's file in a Hugging Face cache: <cache>/models--<org>--<repo>/snapshots/<commit>/
+    <filename>, whatever refs/ says (or lacks)."""
+    snapshots = Path(cache) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return sorted(f for f in snapshots.glob(f"*/{filename}") if f.is_file())
 
 
 def forget(path: Path):
@@ -531,15 +534,16 @@ def download(url: str, dst: Path, check=None, timeout: float = 30.0):
                 f.write(block)
                 done += len(block)
         if total and done != total:  # a dropped connection can end the read early without an error
-            raise OSError(f"the connection closed after {done} of {total} bytes")
+            raise ConnectionError(f"the connection closed after {done} of {total} bytes")
         if check:
             check(tmp)
     try:
         write_atomically(dst, fetch)
     except (urllib.error.URLError, OSError, CheckpointError) as e:
-        dst.with_name(dst.name + ".tmp").unlink(missing_ok=True)
         if created and not any(dst.parent.iterdir()):
             dst.parent.rmdir()  # a failed first download leaves no empty cache folder behind
+        if isinstance(e, WriteError):
+            raise
         reason = getattr(e, "reason", None) or e
         raise CheckpointError(f"could not download {url} ({reason}); see 'Without network' in the README, or "
                               f"download it elsewhere and pass the file with --teacher FILE") from None

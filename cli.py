@@ -89,6 +89,9 @@ def train_parser() -> OneLineParser:
                    help="input mean the teacher expects (default: its checkpoint family's)")
     g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),
                    help="input std the teacher expects (default: its checkpoint family's)")
+    g.add_argument("--teacher-heads", type=int, metavar="N",
+                   help="attention heads of a ViT teacher whose folder does not say (no config.json beside a bare "
+                        "timm or torchvision file; default: 64 dimensions per head, as the teacher: line says)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["cifar10", "mvtec"], default="cifar10",
                    help="cifar10 (default): one-class classification on CIFAR-10, or on --data-dir laid out as "
@@ -133,7 +136,7 @@ def train_args(argv=None) -> argparse.Namespace:
     """Parse and check train.py's flags; recipe values left out stay None (train.py fills in the recipe's)."""
     p = train_parser()
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "lr", "image_size", "eval_batch_size"):
+    for name in ("epochs", "batch_size", "lr", "image_size", "eval_batch_size", "teacher_heads"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -145,6 +148,8 @@ def train_args(argv=None) -> argparse.Namespace:
         p.error(f"--limit must be at least 2 (one normal and one anomalous test image), got {args.limit}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other")
+    if args.teacher_heads and args.backbone != "vit":
+        p.error("--teacher-heads is for a ViT teacher (--backbone vit)")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seed lists a seed twice ({' '.join(map(str, args.seeds))}): each seed is one run")
     return args

@@ -178,9 +178,10 @@ class KDAD:
 ## --------------------------------------------------------------------------------------------------------
 ## Teacher and student of each backbone.
 
-def load_teacher(path, backbone: str, image_size: int, mean=None, std=None):
-    """The frozen teacher for --backbone, with its input mean/std in .cfg (the layout's own unless given); a file
-    of the other family is refused."""
+def load_teacher(path, backbone: str, image_size: int, mean=None, std=None, heads=None):
+    """The frozen teacher for --backbone, with its input mean/std in .cfg (the checkpoint's own unless given) and,
+    for a ViT, `heads` attention heads where its checkpoint does not say (vit.load_vit); a file of the other
+    family is refused."""
     keys = read_header(path).keys()
     is_vgg = any(k.startswith("features.") for k in keys)
     if backbone == "vit" and is_vgg:
@@ -189,7 +190,7 @@ def load_teacher(path, backbone: str, image_size: int, mean=None, std=None):
         raise CheckpointError(f"{path} is a ViT checkpoint, not VGG16: use --backbone vit, or a VGG16 teacher")
     if backbone == "vgg" and image_size < 32:
         raise CheckpointError(f"--image-size {image_size} is too small for VGG16's five 2x2 pools: use 32 or more")
-    teacher = load_vit(path, image_size) if backbone == "vit" else load_vgg16(path)
+    teacher = load_vit(path, image_size, heads) if backbone == "vit" else load_vgg16(path)
     if mean is not None or std is not None:
         teacher.cfg = replace(teacher.cfg, mean=tuple(mean or teacher.cfg.mean), std=tuple(std or teacher.cfg.std))
     return teacher.requires_grad_(False).eval()

@@ -21,7 +21,8 @@ if __name__ == "__main__":  # flags first: --help and a mistyped flag answer bef
     cli.evaluate_args(sys.argv[1:])
     cli.quiet_interrupt()
 
-from pathlib import Path  # the rest waits for the flag check above
+from dataclasses import asdict  # the rest waits for the flag check above
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,12 +30,14 @@ from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
-from data import CROP_PCT, DataError, Preprocess, batches, one_class_data
+from data import CROP_PCT, DataError, Preprocess, batches
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from folders import open_source
 from plots import PlotError, draw_run, pyplot
-from record import read_json, run_folders
+from record import (EVALUATE_KEYS, ImagesChanged, data_as_recorded, read_json, read_run_config, run_folders,
+                    teacher_changes)
 from tables import fmt, write_table
+from writes import os_error_line
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -65,9 +68,25 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def auroc(scores, labels) -> float | None:
+class NonFinite(ValueError):
+    """Scores, a loss, maps or features holding NaN or infinity (a diverged student, or an overflow at this
+    precision); str(e) says which values and how many."""
+
+
+def finite(values, what: str):
+    """`values` (a tensor or array of any shape) as they are; NonFinite('non-finite <what> (n of N NaN/inf)')
+    when any is NaN or infinite."""
+    bad = int((~torch.isfinite(torch.as_tensor(values))).sum())
+    if bad:
+        raise NonFinite(f"non-finite {what} ({bad} of {torch.as_tensor(values).numel()} NaN/inf)")
+    return values
+
+
+def auroc(scores, labels, what: str = "anomaly scores") -> float | None:
     """ROC AUC in [0, 1] with anomalous (1) as the positive class and higher score = more anomalous
-    (scikit-learn's roc_auc_score); None when the labels hold one kind only (no AUROC exists)."""
+    (scikit-learn's roc_auc_score); None when the labels hold one kind only (no AUROC exists). Raises NonFinite
+    (naming `what`) for NaN/inf scores."""
+    finite(np.asarray(scores), what)
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return None
@@ -92,7 +111,8 @@ def pixel_auroc(maps, masks) -> float | None:
     """ROC AUC in [0, 1] of every pixel's map value against its mask (scikit-learn's roc_auc_score), pooled over all
     test images (the good ones' pixels are all normal), as the MVTec AD authors' evaluation pools them. maps (N, S, S)
     float, masks (N, S, S) bool, same resolution. None when no pixel is defective."""
-    return auroc(np.asarray(maps, dtype=np.float64).ravel(), np.asarray(masks).ravel().astype(np.int64))
+    return auroc(np.asarray(maps, dtype=np.float64).ravel(), np.asarray(masks).ravel().astype(np.int64),
+                 "anomaly-map pixels")
 
 
 def pro_score(maps, masks, fpr_limit: float = PRO_FPR_LIMIT) -> float | None:
@@ -107,7 +127,7 @@ def pro_score(maps, masks, fpr_limit: float = PRO_FPR_LIMIT) -> float | None:
       with the trapezoid rule (scikit-learn's auc), the curve interpolated linearly at the limit, then divided by it.
     maps (N, S, S) float, masks (N, S, S) bool at the same resolution. None without any defect region."""
     from scipy.ndimage import label
-    maps, masks = np.asarray(maps, dtype=np.float64), np.asarray(masks, dtype=bool)
+    maps, masks = finite(np.asarray(maps, dtype=np.float64), "anomaly-map pixels"), np.asarray(masks, dtype=bool)
     regions, count = np.zeros(masks.shape, dtype=np.int64), 0
     for i, mask in enumerate(masks):  # number the regions of all images 1, 2, ...; 0 = defect-free
         numbered, n = label(mask, structure=np.ones((3, 3), dtype=int))
@@ -165,8 +185,11 @@ def load_run(run_dir, device, precision=None):
     run = Path(run_dir)
     if not (run / "config.json").is_file():
         raise RunError(f"{run} is not a run folder (no config.json): pass a folder written by train.py")
-    cfg = read_json(run / "config.json")
+    cfg = read_run_config(run, EVALUATE_KEYS)
     s, t = cfg["settings"], cfg["teacher"]
+    if not (run / "student.safetensors").is_file() and cfg.get("stopped", "").startswith("non-finite"):
+        raise RunError(f"{run} has no student.safetensors: it stopped with {cfg['stopped'].split(';')[0]}; train it "
+                       f"again with a lower --lr (train.py ... --overwrite --out {run})")
     if not (run / "student.safetensors").is_file():
         raise RunError(f"{run} has no student.safetensors: the run did not finish; continue it with "
                        f"train.py ... --resume --out {run}")
@@ -175,14 +198,23 @@ def load_run(run_dir, device, precision=None):
     if sha256(t["path"]) != t["sha256"]:
         raise RunError(f"teacher file {t['path']} has changed since training (sha256 differs from config.json): "
                        f"restore the original file or train again")
-    teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"])
+    teacher = load_teacher(t["path"], s["backbone"], s["image_size"], t["config"]["mean"], t["config"]["std"],
+                           s.get("teacher_heads"))
+    changed = teacher_changes(t["config"], asdict(teacher.cfg))
+    if changed:  # the same file, described otherwise: its config.json beside it changed or is gone
+        raise RunError(f"the teacher of {run} is described otherwise than when it was trained ({changed}): its "
+                       f"config.json beside {t['path']} was changed or removed; put it back as it was")
     teacher = place(teacher, device, s["backbone"])
     student = place(load_student(run / "student.safetensors", make_student(s["backbone"], teacher)), device,
                     s["backbone"])
     kdad = KDAD(teacher, student, taps_for(s["backbone"], teacher), s["lam"])
     crop_pct, dataset = s.get("crop_pct", CROP_PCT), s.get("dataset", "cifar10")  # older runs: CIFAR-10's
     source = open_source(s["data_dir"], s["data_root"], s["image_size"], crop_pct, dataset)
-    data = one_class_data(source, s["cls"], s["seed"], s["limit"]).to(device)
+    try:  # exactly the images the run recorded (record.py); added files are named, changed ones refused
+        data = data_as_recorded(source, s["cls"], s["seed"], s["limit"], cfg, s["data_dir"]).to(device)
+    except ImagesChanged as e:
+        raise RunError(f"{run}: {e}; scored now, its figures would be another data set's, not this run's: put the "
+                       f"images back as they were, or train a new run on the folder as it is") from None
     if data.class_name != s.get("class_name", data.class_name):
         raise RunError(f"the classes of {s['data_dir']} changed since training: class {s['cls']} is now folder "
                        f"{data.class_name!r}, was {s['class_name']!r}")
@@ -200,7 +232,8 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
     with knn.recorded(kdad) as features:  # the teacher-alone baseline's features, from the same passes
         val = score_images(kdad, data.val, prep, amp, batch_size, plain=plain)
         test = score_images(kdad, data.test, prep, amp, batch_size, plain=plain)
-    out = {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu())}
+    out = {"val_auroc": auroc(val, data.val_labels.cpu(), "validation scores"),
+           "test_auroc": auroc(test, data.test_labels.cpu(), "test scores")}
     if k:  # the teacher-alone baseline, its training features from a teacher pass over the training images
         out |= {key: v for key, v in knn.baseline(kdad, data, prep, amp, k, features, batch_size, plain=plain).items()
                 if key.endswith("auroc")}
@@ -215,6 +248,8 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
 
 
 def main(argv=None):
+    """`python evaluate.py RUN...`: exit 0, 2 for bad input (one line each; the other runs go on), 3 for a run
+    whose scores are not finite (a diverged student)."""
     args = cli.evaluate_args(argv)
     try:
         if args.table:
@@ -223,16 +258,24 @@ def main(argv=None):
         device = pick_device(args.device)
         if args.plots:
             pyplot()  # PlotError now, not after minutes of scoring, when matplotlib is missing
-        for run in run_folders(args.runs):
+        runs = run_folders(args.runs)
+        codes = []
+        for run in runs:
             print(f"{run}:")
-            evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)
+            try:
+                evaluate_run(run, device, args.precision, args.maps if args.plots else None, args.batch_size)
+            except (RunError, CheckpointError, DataError, NonFinite) as e:  # this run only: the others go on
+                codes.append(3 if isinstance(e, NonFinite) else 2)
+                line = f"{e}: this run's student gives NaN/inf here (try --precision fp32; a diverged run is trained " \
+                       f"again with a lower --lr)" if isinstance(e, NonFinite) else str(e)
+                print(f"error: {line}" if len(runs) == 1 else f"error: {run}: {line}", file=sys.stderr)
+        return max(codes, default=0)
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+    except OSError as e:  # a full disk or a read-only folder for the plots or the table: what, where, free space
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

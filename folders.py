@@ -28,6 +28,7 @@ from PIL import Image
 from cli import counted, named, note
 from data import CIFAR10_CLASSES, CROP_PCT, DataError, resize_size
 from images import IMAGE_EXTENSIONS, UnreadableImage, read_image, square
+from writes import NO_ROOM, write_error
 
 
 class Source:
@@ -135,8 +136,8 @@ def class_order(names) -> list[str]:
 class ImageFolder(Source):
     """root/{train,test}/<class>/<image>, read as a person sees it (see the module docstring)."""
 
-    def __init__(self, root, load_size: int):
-        self.root, self.load_size = Path(root), load_size
+    def __init__(self, root, load_size: int, whole: bool = False):
+        self.root, self.load_size, self.whole = Path(root), load_size, whole  # whole: images.square's geometry
         if not self.root.is_dir():
             raise DataError(f"data folder not found: {self.root} (pass --data-dir DIR with train/ and test/ in it)")
         for split in ("train", "test"):
@@ -193,7 +194,7 @@ class ImageFolder(Source):
             a, notes = read_image(path)
         except UnreadableImage as e:
             return None, str(e)
-        a, resized = square(a, self.load_size)
+        a, resized = square(a, self.load_size, self.whole)
         return a, notes + [resized] * bool(resized)
 
     def images(self, split: str, idx: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -265,12 +266,25 @@ class TorchvisionCIFAR10(Source):
             except Exception as e:  # no network, a full disk, a damaged archive
                 if created and self.root.is_dir() and not any(self.root.rglob("*.tar.gz")):
                     shutil.rmtree(self.root, ignore_errors=True)  # a failed first download leaves no folder behind
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "
-                                f"network' in the README: --data-dir takes an image folder with train/<class>/ and "
-                                f"test/<class>/") from None
+                raise self.failed(e) from None
             self._data[split] = ds.data  # (N, 32, 32, 3) uint8
             self.labels[split] = np.array(ds.targets, dtype=np.int64)
+
+    def failed(self, e: Exception) -> Exception:
+        """The one line for a failed torchvision CIFAR-10: a damaged file in root (torchvision then tries to
+        download it again, and offline says only that the network is down), a full disk, or no network."""
+        damaged = damaged_cifar10(self.root)
+        if damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            return DataError(f"{damaged[0]} is damaged{more}: its md5 is not the one torchvision publishes (a "
+                             f"truncated copy or an interrupted download); delete it and run again to download "
+                             f"CIFAR-10 afresh, or see 'Without network' in the README")
+        if isinstance(e, OSError) and e.errno in NO_ROOM:
+            return write_error(e.filename or self.root / "cifar-10-python.tar.gz", e.strerror)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return DataError(f"could not get CIFAR-10 into {self.root} ({reason}); without network, see 'Without "
+                         f"network' in the README: --data-dir takes an image folder with train/<class>/ and "
+                         f"test/<class>/")
 
     def class_has_images(self, split: str, label: int) -> bool:
         return True
@@ -282,16 +296,28 @@ class TorchvisionCIFAR10(Source):
         return [], []
 
 
+def damaged_cifar10(root: Path) -> list[str]:
+    """The files of a torchvision CIFAR-10 download in root (the archive, the batches extracted from it) that are
+    there but whose md5 is not the one torchvision checks them against: '<path> (<size> bytes)' each."""
+    from torchvision.datasets.cifar import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+    files = [(root / CIFAR10.filename, CIFAR10.tgz_md5)] + [
+        (root / CIFAR10.base_folder / name, md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    return [f"{f} ({f.stat().st_size} bytes)" for f, md5 in files if f.is_file() and not check_integrity(str(f), md5)]
+
+
 def open_source(data_dir=None, data_root="./data", image_size=224, crop_pct=CROP_PCT, dataset="cifar10"):
-    """An image folder (--data-dir) whose images are stored at the recipe's resize side, an MVTec AD root
-    (dataset "mvtec"), or torchvision's CIFAR-10 (downloaded into data_root)."""
-    side = resize_size(image_size, crop_pct)
+    """An image folder (--data-dir) whose images are stored at the recipe's resize side by its geometry (crop_pct 1:
+    the whole image resized to a square; otherwise the shorter side resized and the center cropped, see
+    images.square), an MVTec AD root (dataset "mvtec"; its masks take the same geometry), or torchvision's
+    CIFAR-10 (downloaded into data_root)."""
+    side, whole = resize_size(image_size, crop_pct), crop_pct >= 1  # crop_pct 1: the whole image, resized
     if dataset == "mvtec":
         from mvtec import MVTecAD  # mvtec.py builds on ImageFolder
         if not data_dir:
             raise DataError("--dataset mvtec needs --data-dir: the MVTec AD folder (one folder per category)")
-        return MVTecAD(data_dir, side)
-    return ImageFolder(data_dir, side) if data_dir else TorchvisionCIFAR10(data_root)
+        return MVTecAD(data_dir, side, whole)
+    return ImageFolder(data_dir, side, whole) if data_dir else TorchvisionCIFAR10(data_root)
 
 
 

@@ -200,19 +200,22 @@ def lab_to_srgb(im: Image.Image) -> Image.Image:
         raise UnreadableImage(f"CIE L*a*b* pixels could not be converted to sRGB ({e})") from None
 
 
-def square(a: np.ndarray, side: int) -> tuple[np.ndarray, str | None]:
-    """The stored form of one image (H, W, 3) -> (S, S, 3): square images up to `side` stay as they are (CIFAR-10
-    stays 32 px); others get the resize the preprocessing does anyway (shorter side -> `side`, bilinear and
-    antialiased, as torchvision's Resize) and a center crop to a square. Returns the note on what was done."""
+def square(a: np.ndarray, side: int, whole: bool = False) -> tuple[np.ndarray, str | None]:
+    """The stored form of one image (H, W, 3) -> (S, S, 3) by the recipe's geometry: square images up to `side` stay
+    as they are (CIFAR-10 stays 32 px); others are resized (bilinear and antialiased, as torchvision's Resize)
+    either as a whole to side x side, the aspect ratio not kept (whole=True: the recipes with crop_pct 1, MVTec AD's,
+    as torchvision's Resize([s, s])), or to `side` on the shorter side and center-cropped to a square (the CIFAR-10
+    recipes, whose crop comes next anyway). Returns the note on what was done."""
     h, w = a.shape[:2]
     if h == w and h <= side:
         return a, None
+    if whole or h == w:
+        what = (f"larger than {side}x{side}: resized to it" if h == w else
+                f"not square: resized as a whole to {side}x{side}, as the recipe does (aspect ratio not kept)")
+        return np.asarray(Image.fromarray(a).resize((side, side), Image.BILINEAR)), what
     s = side / min(h, w)
     size = (max(side, round(w * s)), max(side, round(h * s)))  # PIL sizes are (width, height)
     im = Image.fromarray(a).resize(size, Image.BILINEAR)
     left, top = (im.width - side) // 2, (im.height - side) // 2
     im = im.crop((left, top, left + side, top + side))
-    what = (f"larger than {side}x{side}: resized to it" if h == w else
-            f"not square: resized to {side} px on the shorter side and center-cropped")
-    return np.asarray(im), what
-
+    return np.asarray(im), f"not square: resized to {side} px on the shorter side and center-cropped"

@@ -18,13 +18,15 @@ import torch
 import cli
 from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
 from cli import RunError, pick_device, pick_precision
-from data import CIFAR10_CLASSES, DataError, one_class_data
+from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
 from folders import class_index, open_source
-from record import TORCHVISION_CIFAR10, Run, default_run_dir, teacher_name
+from record import (TORCHVISION_CIFAR10, ImagesChanged, Run, data_as_recorded, default_run_dir, image_record, read_json,
+                    teacher_changes, teacher_name, write_text)
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
+from writes import WriteError, os_error_line
 
 USER_ERRORS = (CheckpointError, DataError, RunError)
 
@@ -47,7 +49,15 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     """Train and score one normal class into the run folder `run`; returns results.json's content. finished_ok:
     the same run already finished is reported, not refused (one job of many; see Run.open)."""
     started = time.time()
-    data = one_class_data(source, cls, args.seed, args.limit)
+    saved = run.saved_config() if args.resume else None
+    if saved and saved["settings"].get("class_name") != source.classes[class_index(source, cls)]:
+        saved = None  # another class: Run.open refuses it below
+    try:  # a saved run continues on exactly the images it recorded (new files in the folder are named, not used)
+        data = data_as_recorded(source, cls, args.seed, args.limit, saved, args.data_dir)
+    except ImagesChanged as e:
+        raise RunError(f"cannot resume {run}: {e}; continued now, the run would mix two data sets (its saved epochs "
+                       f"saw the images as they were): put them back as they were, or --overwrite to train afresh on "
+                       f"the folder as it is") from None
     if args.select == "val-auroc" and not data.val_has_anomalies:
         raise RunError(f"--select val-auroc needs anomalous validation images, and train/ holds only the normal "
                        f"images of {data.class_name!r}: use --select final")
@@ -60,6 +70,11 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
                  "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
                  "optimizer": args.optimizer.__name__}
     resume = run.open(settings, args.resume, args.overwrite, finished_ok)
+    changed = resume and teacher_changes(read_json(run.path / "config.json")["teacher"].get("config", {}),
+                                         asdict(teacher.cfg))
+    if changed:  # the same file, described otherwise (its config.json, --teacher-heads): another network
+        raise RunError(f"cannot resume {run}: the teacher is described otherwise than when it was saved ({changed}): "
+                       f"its config.json was changed or removed, or --teacher-heads differs; put it back as it was")
     done = run.results() if resume else None
     if done and done["epochs"] >= args.epochs:
         epochs = f"{done['epochs']} epoch" + "s" * (done["epochs"] != 1)
@@ -69,15 +84,21 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     if done:
         run.keep_earlier(done["epochs"])  # --resume with more epochs extends a finished run
     print(data.summary())
+    images = (saved or {}).get("images") if resume else None  # a resumed run keeps what it recorded first
     run.write_config({"settings": settings, "teacher": teacher_info,
                       "data": {"cifar10": is_cifar10(source), "classes": list(source.classes),
                                "test_only": list(source.test_only)} | data.record(),
                       "taps": asdict(taps_for(args.backbone, teacher)),
                       "student": asdict(student_config_for(args.backbone, teacher)),
-                      "torch": torch.__version__, "device": str(device)}, resume)
+                      "torch": torch.__version__, "device": str(device),
+                      "images": images or image_record(source, data, args.data_dir)}, resume)
+    try:
+        figures = fit(args, data.to(device), teacher, device, precision, run, resume)
+    except Stop as e:  # diverged or interrupted: config.json says so, for evaluate.py
+        run.stopped(str(e))
+        raise
     results = {"backbone": args.backbone, "cls": data.normal_class, "class_name": data.class_name,
-               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"],
-               **fit(args, data.to(device), teacher, device, precision, run, resume),
+               "teacher": teacher_info["name"], "teacher_saw_cifar10_labels": teacher_info["label_leak"], **figures,
                "seconds": time.time() - started, "seed": args.seed, "device": str(device), "precision": precision,
                "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test)}
     run.write_results(results)
@@ -97,10 +118,16 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
 ## The teacher, and the command line.
 
 def describe(teacher) -> str:
+    """The teacher: line's description: the network, and where what its tensors do not say came from."""
     c = teacher.cfg
     if hasattr(c, "patch_size"):
-        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, patch {c.patch_size}, {c.registers} "
-                f"registers, at {c.image_size} px, mean/std {c.mean}/{c.std}")
+        said = getattr(teacher, "described", {})
+        heads = f"{c.heads} head{'s' * (c.heads != 1)} ({said.get('heads', 'assumed')}"
+        heads += "; --teacher-heads N if not)" if said.get("heads", "assumed").startswith("assumed") else ")"
+        norm = f" (from {said['eps']})" if "eps" in said else ""
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {heads}, patch {c.patch_size}, "
+                f"{c.registers} registers, LayerNorm eps {c.eps:g}{norm}, at {c.image_size} px, mean/std "
+                f"{c.mean}/{c.std}" + (f" (from {said['mean']})" if "mean" in said else ""))
     return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
 
 
@@ -109,15 +136,16 @@ def prepare_teacher(args, device):
     name = args.teacher
     found = resolve_teacher(name, args.cache_dir)
     path, preset = found.path, found.preset
-    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std), device,
-                    args.backbone)
+    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std,
+                                 args.teacher_heads), device, args.backbone)
     info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset, "origin": found.origin,
             "path": str(Path(path).resolve()), "sha256": sha256(path),
             "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
             "label_leak": preset == "vit-b16-cifar10"}
     print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
-    if not preset and args.teacher_mean is None and str(getattr(teacher, "layout", "")).startswith(("timm",
-                                                                                                      "huggingface")):
+    said = getattr(teacher, "described", {})
+    if not preset and args.teacher_mean is None and "mean" not in said and \
+            str(getattr(teacher, "layout", "")).startswith(("timm", "huggingface")):
         print(f"  note: normalising with the {teacher.layout} family's usual mean/std {teacher.cfg.mean}/"
               f"{teacher.cfg.std}; a checkpoint trained with other values needs --teacher-mean/--teacher-std")
     if info["label_leak"]:
@@ -267,12 +295,15 @@ def job_error(e: Exception, run: Path) -> str:
     """What went wrong with a job, in one line; the traceback of an unexpected error is kept in its run folder."""
     if isinstance(e, Stop):
         return f"stopped: {e}"
-    if isinstance(e, USER_ERRORS + (OSError,)):
+    if isinstance(e, OSError):
+        return os_error_line(e)
+    if isinstance(e, USER_ERRORS):
         return str(e)
-    if run.is_dir():
-        (run / "error.txt").write_text("".join(traceback.format_exception(e)))
+    try:
+        write_text(run / "error.txt", "".join(traceback.format_exception(e)))
         return f"{type(e).__name__}: {e} (traceback in {run / 'error.txt'})"
-    return f"{type(e).__name__}: {e}"
+    except OSError:  # no run folder yet, or no room for the traceback either
+        return f"{type(e).__name__}: {e}"
 
 
 def main(argv=None) -> int:
@@ -288,8 +319,9 @@ def main(argv=None) -> int:
     except Stop as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 130 if str(e).startswith("interrupted") else 3
-    except OSError as e:  # an unwritable --out or cache folder, a full disk
-        print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
+    except OSError as e:  # an unwritable --out or cache folder, a full disk (WriteError: what, where, free space)
+        print(f"error: {os_error_line(e)}" + (" (an unfinished run continues with --resume)"
+                                              if isinstance(e, WriteError) else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
         print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",

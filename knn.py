@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from evaluate import auroc, over_images
+from evaluate import auroc, finite, over_images
 
 
 def image_embedding(teacher, last: torch.Tensor) -> torch.Tensor:
@@ -88,14 +88,15 @@ def training_bank(kdad, data, prep, amp, batch_size, cache=None, plain=False) ->
 
 def knn_aurocs(bank: torch.Tensor, val_features: torch.Tensor, test_features: torch.Tensor, data, k: int) -> dict:
     """The teacher-alone baseline's validation and test AUROC (None where a split holds one kind only)."""
-    return {"knn_val_auroc": auroc(knn_scores(bank, val_features, k).cpu(), data.val_labels.cpu()),
-            "knn_test_auroc": auroc(knn_scores(bank, test_features, k).cpu(), data.test_labels.cpu())}
+    return {"knn_val_auroc": auroc(knn_scores(bank, val_features, k).cpu(), data.val_labels.cpu(), "kNN scores"),
+            "knn_test_auroc": auroc(knn_scores(bank, test_features, k).cpu(), data.test_labels.cpu(), "kNN scores")}
 
 
 def baseline(kdad, data, prep, amp, k: int, features: list, batch_size: int, cache=None, plain=False) -> dict:
     """results.json's kNN figures: `features` recorded over the validation then the test images (recorded)."""
     t0 = time.time()
-    seen = torch.cat(features).to(data.val.device)
-    bank = training_bank(kdad, data, prep, amp, batch_size, cache, plain).to(seen.device)
+    seen = finite(torch.cat(features).to(data.val.device), "teacher image features (kNN baseline)")
+    bank = finite(training_bank(kdad, data, prep, amp, batch_size, cache, plain).to(seen.device),
+                  "teacher image features of the training images (kNN baseline)")
     out = knn_aurocs(bank, seen[:len(data.val)], seen[len(data.val):], data, k)
     return out | {"knn_k": k, "knn_seconds": time.time() - t0}

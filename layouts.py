@@ -10,9 +10,11 @@ its layout, so the network vit.py builds is the one that library would run.
     timm VisionTransformer                                          (our names already)
     torchvision VisionTransformer
 """
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -177,13 +179,21 @@ def refuse_variants(path, sd: dict):
 
 
 # Heads are not in any tensor's shape. Published ViTs use 64 dims per head (Ti 192/3, S 384/6, B 768/12,
-# L 1024/16, DINOv2-g 1536/24) except these, which have 16 heads of 80, 88 and 104 dims (ViT-H, -g, -G).
+# L 1024/16, DINOv2-g 1536/24) except these, which have 16 heads of 80, 88 and 104 dims (ViT-H, -g, -G). Where the
+# checkpoint's folder does not say (described), this rule is an assumption, and the teacher: line says so.
 HEADS = {1280: 16, 1408: 16, 1664: 16}
+
+
+def assumed_heads(width: int) -> tuple[int, str]:
+    """(heads, what the teacher: line calls it) where nothing beside the file says the head count."""
+    if width in HEADS:
+        return HEADS[width], f"assumed, as ViT-H/g/G of width {width} have"
+    return max(1, width // 64), "assumed: 64 dims per head, as published ViTs have"
 
 
 def config_from_tensors(sd: dict, layout: Layout) -> dict:
     """ViTConfig fields of a renamed state dict: everything but the head count is in the shapes; heads come from
-    HEADS or 64 dims per head."""
+    assumed_heads (described() replaces it where the checkpoint's folder says it)."""
     width, _, patch, _ = sd["patch_embed.proj.weight"].shape
     registers = sd["reg_token"].shape[1] if "reg_token" in sd else 0
     n_pos = sd["pos_embed"].shape[1]
@@ -193,20 +203,79 @@ def config_from_tensors(sd: dict, layout: Layout) -> dict:
         raise CheckpointError(f"position embedding has {n_pos} tokens: not a square grid of patches plus CLS and "
                               f"{registers} registers, so no student can line up with it token for token")
     return dict(image_size=grid * patch, patch_size=patch, width=width, depth=_depth(sd, "blocks."),
-                heads=HEADS.get(width, max(1, width // 64)), mlp_width=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                heads=assumed_heads(width)[0], mlp_width=sd["blocks.0.mlp.fc1.weight"].shape[0],
                 registers=registers, layer_scale="blocks.0.ls1.gamma" in sd, pos_embed_prefix=not prefix_free,
                 pos_resize=layout.pos_resize, final_norm="norm.weight" in sd or "norm.bias" in sd,
                 eps=layout.eps, mean=layout.mean, std=layout.std)
 
 
 ## --------------------------------------------------------------------------------------------------------
+## What the checkpoint's folder says about it: a Hugging Face folder (save_pretrained, a hub snapshot) has a
+## config.json beside model.safetensors (num_attention_heads, layer_norm_eps, hidden_act, image_size, patch_size,
+## ...) and may have a preprocessor_config.json (image_mean, image_std); a timm hub folder has a config.json with
+## the architecture, its pretrained_cfg (mean, std) and sometimes model_args (num_heads).
+
+HF_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
+
+
+def _json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def described(path, name: str, fields: dict) -> tuple[dict, dict]:
+    """(ViTConfig fields the files beside `path` give, {field: the file that gave it}) for a checkpoint of layout
+    `name` whose tensors give `fields`. Raises CheckpointError with one line where those files describe a network
+    this ViT cannot run (another activation than the exact GELU, no q/k/v bias) or another network than the
+    tensors (width, depth, patch, image size, registers)."""
+    folder = Path(path).parent
+    config = _json(folder / "config.json")
+    out = {}
+    if name.startswith("huggingface") and config.get("model_type") in HF_MODEL_TYPES:
+        said = f"{folder / 'config.json'} says"
+        act = config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise CheckpointError(f"{said} hidden_act {act!r}: this project's ViT runs the exact (erf) GELU only "
+                                  f"(hidden_act 'gelu'), so it cannot run {path} as transformers does")
+        if config.get("qkv_bias") is False or config.get("use_swiglu_ffn"):
+            what = "no q/k/v bias" if config.get("qkv_bias") is False else "a gated (SwiGLU) MLP"
+            raise CheckpointError(f"{said} the model has {what}, which this project's ViT does not have")
+        for key, field in (("hidden_size", "width"), ("num_hidden_layers", "depth"), ("patch_size", "patch_size"),
+                           ("image_size", "image_size"), ("num_register_tokens", "registers")):
+            if key in config and config[key] != fields[field]:
+                raise CheckpointError(f"{said} {key} {config[key]}, but {path} holds {field} {fields[field]}: the "
+                                      f"config.json is another model's; put each model in a folder of its own")
+        out |= {"heads": config.get("num_attention_heads"), "eps": config.get("layer_norm_eps")}
+        pre = _json(folder / "preprocessor_config.json")
+        if pre.get("do_normalize", True) and "image_mean" in pre and "image_std" in pre:
+            out |= {"mean": tuple(pre["image_mean"]), "std": tuple(pre["image_std"])}
+        source = {"heads": "config.json", "eps": "config.json", "mean": "preprocessor_config.json",
+                  "std": "preprocessor_config.json"}
+    elif name == "timm" and "architecture" in config:
+        pretrained = config.get("pretrained_cfg") or {}
+        out |= {"heads": (config.get("model_args") or {}).get("num_heads"), "mean": pretrained.get("mean"),
+                "std": pretrained.get("std")}
+        out = {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+        source = {"heads": "config.json model_args", "mean": "config.json", "std": "config.json"}
+    else:
+        return {}, {}
+    out = {k: v for k, v in out.items() if v is not None}
+    return out, {k: source[k] for k in out}
+
+
+## --------------------------------------------------------------------------------------------------------
 ## The whole reading, for vit.load_vit.
 
-def read_vit_checkpoint(path) -> tuple[dict, dict, str, str]:
-    """(tensors under vit.py's names, ViTConfig fields, LAYOUTS key, what messages call the file) of a ViT
-    .safetensors file in any LAYOUTS layout (transformers 4 or 5 names, head models' prefixes removed); tensors of
-    heads and other parts the backbone does not use are dropped. Raises CheckpointError naming the file and what
-    is wrong with it."""
+def read_vit_checkpoint(path) -> tuple[dict, dict, str, str, dict]:
+    """(tensors under vit.py's names, ViTConfig fields, LAYOUTS key, what messages call the file, {field: where it
+    came from} for the fields not taken from the tensors or the layout's defaults) of a ViT .safetensors file in
+    any LAYOUTS layout (transformers 4 or 5 names, head models' prefixes removed), with what the files beside it
+    say (described); tensors of heads and other parts the backbone does not use are dropped. The head count's
+    source is always in the last: a file, or the assumption (assumed_heads). Raises CheckpointError naming the
+    file and what is wrong with it."""
     sd = _strip_hf_prefix(read_tensors(path))
     name = detect_layout(path, sd)
     layout = LAYOUTS[name]
@@ -221,4 +290,6 @@ def read_vit_checkpoint(path) -> tuple[dict, dict, str, str]:
     except CheckpointError as e:
         message = str(e)
         raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {what}: {message}") from None
-    return {k: v for k, v in sd.items() if not k.startswith(layout.ignore)}, fields, name, what
+    given, sources = described(path, name, fields)
+    sources = {"heads": assumed_heads(fields["width"])[1]} | sources
+    return {k: v for k, v in sd.items() if not k.startswith(layout.ignore)}, fields | given, name, what, sources

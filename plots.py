@@ -22,6 +22,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from data import ANOMALOUS, NORMAL
+from writes import write_atomically
 
 DPI = 100
 FIGSIZE = {"roc": (5.5, 5.5), "scores": (6.5, 4.5), "training": (6.5, 4.5), "maps": (12, 7.6), "table": (11, 5.5)}
@@ -48,8 +49,11 @@ def pyplot():
 
 
 def save(fig, path: Path):
-    fig.savefig(path, dpi=DPI)
-    pyplot().close(fig)
+    """A figure as a PNG, written whole or not at all (writes.write_atomically: WriteError on a full disk)."""
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
+    finally:
+        pyplot().close(fig)
     print(f"wrote {path}")
 
 

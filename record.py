@@ -8,11 +8,12 @@
         student.safetensors  the chosen student (best.safetensors too with --select val-auroc)
         results.json         val/test AUROC and the run's figures, written once at the end
 
-Every file is written to a temporary name and renamed into place (checkpoint.write_atomically), so a crash or a
+Every file is written to a temporary name and renamed into place (writes.write_atomically), so a crash or a
 kill at any moment leaves the previous version or the new one, never half of one. A run folder is never reused
 silently: another configuration, an unfinished run or a finished one is refused unless --resume or --overwrite says
 what to do. train.py writes the record; evaluate.py reads it.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -22,10 +23,12 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from checkpoint import save_tensors, write_atomically
-from cli import RunError
+from checkpoint import save_tensors
+from cli import RunError, counted, named, note
+from writes import write_atomically
 
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
 # only where they matter (`data` is the image folder, or "torchvision CIFAR-10" wherever it was downloaded); the
@@ -142,6 +145,8 @@ class Run:
             for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
                 (run / f).unlink(missing_ok=True)
             return False
+        if not_a_run(run):
+            raise RunError(f"--out {run} is not a run folder: {not_a_run(run)}; choose another --out")
         old = read_json(run / "config.json")["settings"]
         differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
         if differ and not resume:
@@ -164,6 +169,11 @@ class Run:
             return False
         return True
 
+    def saved_config(self) -> dict | None:
+        """config.json of the run saved here, or None (no run here yet, or a folder Run.open will refuse)."""
+        has = (self.path / "config.json").is_file() and not not_a_run(self.path)
+        return read_json(self.path / "config.json") if has else None
+
     def results(self) -> dict | None:
         """results.json of a finished run, or None."""
         return read_json(self.path / "results.json") if (self.path / "results.json").exists() else None
@@ -185,6 +195,8 @@ class Run:
                   f"{now['sources_sha256']}, git {saved[-1]['git']} -> {now['git']}); it continues with this code, "
                   f"and config.json keeps every version with the epochs it trained", file=sys.stderr)
         self.config = config | {"code": saved}
+        if "images" in self.config:  # the long file lists go last
+            self.config["images"] = self.config.pop("images")
         write_json(self.path / "config.json", self.config)
 
     def end_epoch(self, epoch: int, history: list[dict]):
@@ -200,6 +212,13 @@ class Run:
     def write_results(self, results: dict):
         write_json(self.path / "results.json", results)
 
+    def stopped(self, why: str):
+        """config.json keeps why the run stopped early (a diverged student, Ctrl-C), for evaluate.py to say; the
+        next write_config (--resume, --overwrite) drops it. A disk too full for it changes nothing else."""
+        if self.config is not None:
+            with contextlib.suppress(OSError):
+                write_json(self.path / "config.json", self.config | {"stopped": why})
+
 
 def code_history(config: dict) -> list[dict]:
     """config.json's code versions, oldest first, each with the [first, last] epochs it trained (runs written
@@ -210,6 +229,178 @@ def code_history(config: dict) -> list[dict]:
 
 def same_code(a: dict, b: dict) -> bool:
     return a.get("sources_sha256") == b.get("sources_sha256")
+
+
+# What the teacher's file does not hold but its folder (config.json) or a flag may say: a run records them
+# (config.json "teacher"."config") and is only resumed or re-evaluated with the same.
+DESCRIBED = ("heads", "eps", "mean", "std")
+
+
+def teacher_changes(saved: dict, now: dict) -> str | None:
+    """'heads 3 -> 1, eps 1e-05 -> 1e-12' between a run's recorded teacher config and the teacher loaded now (both
+    as dataclasses.asdict of its config), or None. Fields a run of older code did not record are not compared."""
+    def norm(v):
+        return list(v) if isinstance(v, (tuple, list)) else v
+    changed = [f"{k} {norm(saved[k])} -> {norm(now.get(k))}" for k in DESCRIBED
+               if k in saved and norm(saved[k]) != norm(now.get(k))]
+    return ", ".join(changed) or None
+
+
+## --------------------------------------------------------------------------------------------------------
+## The images a run was trained, validated and tested on (config.json "images"), and the same split again for
+## --resume and evaluate.py: a folder that changed since is said, or refused, never scored or trained on silently.
+##
+##     "images": {"kind": "image folder", "root": <data folder>,
+##                "splits": {"train" | "val" | "test": {"count": N, "sha256": <over the files' digests>,
+##                                                      "files": {<path under root>: <sha256 of its bytes, 16 hex>}},
+##                           (MVTec AD) "test" also "masks": {<ground_truth path>: <digest>}},
+##                "folders": {<split/class folder>: {"count": N, "names_sha256": <over its sorted file names>}}}
+##     torchvision's CIFAR-10: {"kind": "torchvision CIFAR-10", "splits": {part: {"count", "sha256" of the pixels}}}
+
+PARTS = (("train", "train"), ("val", "train"), ("test", "test"))  # a run's split and the folder split it comes from
+PART_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
+class ImagesChanged(ValueError):
+    """A run's recorded images are gone or changed in its data folder; str(e) says which (counts, examples)."""
+
+
+@cache
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path) -> str | None:
+    """The first 16 hex digits of a file's sha256 (taken once per file version in a process); None when it
+    cannot be read."""
+    try:
+        st = os.stat(path)
+        return _digest(str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+def digest_of(items) -> str:
+    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()[:16]
+
+
+def under(path, root) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def folder_names(folder, root) -> dict:
+    """{<split>/<class folder> under root: its image files' names under root, sorted} of an ImageFolder: what
+    decides its split."""
+    out = {}
+    for split in ("train", "test"):
+        for f, label in zip(folder.files[split], folder.labels[split], strict=True):
+            out.setdefault(under(Path(folder.root) / split / folder.folders[label], root), []).append(under(f, root))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def listing(names: dict) -> dict:
+    return {k: {"count": len(v), "names_sha256": digest_of(v)} for k, v in names.items()}
+
+
+def image_record(source, data, root) -> dict:
+    """config.json's "images" for one-class data `data` drawn from `source` (data.py), file paths under `root` (the
+    --data-dir)."""
+    if data.train_files is None:  # torchvision's CIFAR-10: the pixels themselves
+        return {"kind": TORCHVISION_CIFAR10, "splits": {part: {"count": len(x), "sha256": pixel_digest(x)} for
+                                                         part, x in (("train", data.train), ("val", data.val),
+                                                                     ("test", data.test))}}
+    splits = {}
+    for part, files in (("train", data.train_files), ("val", data.val_files), ("test", data.test_files)):
+        digests = {under(f, root): file_digest(f) for f in files}
+        splits[part] = {"count": len(files), "sha256": digest_of(f"{n} {d}" for n, d in digests.items()),
+                        "files": digests}
+    folder = source.category(data.class_name) if data.mvtec else source
+    if data.mvtec:
+        from mvtec import mask_file
+        masks = [m for m in (mask_file(folder.root, f) for f in data.test_files) if m is not None]
+        splits["test"]["masks"] = {under(m, root): file_digest(m) for m in masks}
+    return {"kind": "image folder", "root": str(Path(root).resolve()), "splits": splits,
+            "folders": listing(folder_names(folder, root))}
+
+
+def pixel_digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def data_as_recorded(source, cls, seed: int, limit, saved: dict | None, root):
+    """The one-class data of a saved run (its config.json `saved`): exactly the images it recorded, by name,
+    whatever was added to the folder since (named in a note); data.one_class_data for a run that recorded none
+    (older code: said) or a new run (saved None). Raises ImagesChanged naming the recorded images that are gone or
+    changed (and torchvision CIFAR-10 pixels that differ)."""
+    from data import load_splits, one_class_data
+    recorded = (saved or {}).get("images")
+    if recorded is None:
+        if saved is not None:
+            note("this run recorded no fingerprint of its images (trained by older code): nothing can tell whether "
+                 "they are the images it was trained on")
+        return one_class_data(source, cls, seed, limit)
+    if recorded["kind"] == TORCHVISION_CIFAR10:
+        data = one_class_data(source, cls, seed, limit)
+        differ = [f"{PART_NAMES[p]} images differ (sha256 of the pixels)" for p, x in
+                  (("train", data.train), ("val", data.val), ("test", data.test))
+                  if pixel_digest(x) != recorded["splits"][p]["sha256"]]
+        if differ:
+            raise ImagesChanged(f"torchvision's CIFAR-10 in {source.root} is not the one this run used: "
+                                + ", ".join(differ))
+        return data
+    name = saved["settings"]["class_name"]
+    mvtec = hasattr(source, "category")
+    folder = source.category(name) if mvtec else source
+    index = {split: {under(f, root): i for i, f in enumerate(folder.files[split])} for split in ("train", "test")}
+    chosen, problems = {}, []
+    for part, split in PARTS:
+        files = recorded["splits"][part]["files"]
+        here = [n for n in files if n in index[split]]
+        gone = [n for n in files if n not in index[split]]
+        changed = [n for n in here if file_digest(Path(root) / n) != files[n]]
+        for what, names in (("gone", gone), ("changed", changed)):
+            if names:
+                problems.append(f"{PART_NAMES[part]}: {len(names)} of {len(files)} {what} (e.g. {names[0]})")
+        chosen[part] = np.array([index[split][n] for n in here], dtype=np.int64)
+    masks = recorded["splits"]["test"].get("masks", {})
+    changed = [n for n, d in masks.items() if file_digest(Path(root) / n) != d]
+    if changed:
+        problems.append(f"masks: {len(changed)} of {len(masks)} changed or gone (e.g. {changed[0]})")
+    if problems:
+        raise ImagesChanged(f"the images this run recorded changed in {root} since: " + "; ".join(problems))
+    normal = "good" if mvtec else name
+    data = load_splits(folder, folder.classes.index(normal), chosen, 0.1)
+    if mvtec:
+        data = source.with_masks(data, source.classes.index(name))
+    if [len(data.train), len(data.val), len(data.test)] != [len(chosen[p]) for p, _ in PARTS]:
+        raise ImagesChanged(f"some of the images this run recorded in {root} can no longer be read (see the notes)")
+    say_folder_changes(recorded, folder_names(folder, root), root)
+    return data
+
+
+def say_folder_changes(recorded: dict, names: dict, root):
+    """One note when the class folders a run drew its split from hold other files than they did (`names`: now, by
+    folder_names), its own images being all there, unchanged: which folders, by how many, with an example of a new
+    file where every file of the folder was the run's (elsewhere a file the run did not use may be an old one)."""
+    then, now = recorded.get("folders", {}), listing(names)
+    used = {n for part in recorded["splits"].values() for n in part["files"]}
+    changes = []
+    for key in sorted(then.keys() | now.keys()):
+        a, b = then.get(key, {"count": 0}), now.get(key, {"count": 0})
+        if a.get("names_sha256") == b.get("names_sha256"):
+            continue
+        new = [n for n in names.get(key, []) if n not in used]
+        whole = a["count"] == sum(n.startswith(key + "/") for n in used)  # the folder was all the run's
+        changes.append(f"{key} {a['count']} -> {b['count']} files" + (f" (e.g. {new[0]})" if whole and new else ""))
+    if changes:
+        total = {p: recorded["splits"][p]["count"] for p in ("train", "val", "test")}
+        note(f"{root} changed since this run recorded it: {named(changes)}; the run's own {total['train']} training, "
+             f"{total['val']} validation and {total['test']} test images are all there, unchanged, and only they are "
+             f"used (its figures are this run's; the other files are not part of it)")
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -284,35 +475,85 @@ class Snapshots:
         if self.path.exists():
             e, step = self.state["epoch"], self.state["partial"]["step"]
             where = f"epoch {e + 1}, step {step}" if step else f"end of epoch {e}"
-            return f"the last good state ({where}) is kept in {self.path}{resume}"
+            return f"the last good state ({where}) is kept in {self.path} (resumed with the same settings, it would " \
+                   f"diverge again)"
         return "nothing was saved yet"
 
 
 ## --------------------------------------------------------------------------------------------------------
 ## Finding finished runs (evaluate.py, tables).
 
+# what makes a config.json a run's (every version of train.py wrote these), and what re-evaluating one reads
+RUN_KEYS = {"settings": ("backbone", "cls", "seed", "image_size"), "teacher": ("sha256",)}
+EVALUATE_KEYS = {"settings": ("lam", "limit", "data_dir", "data_root", "precision"), "teacher": ("path", "config")}
+
+
+def not_a_run(folder, keys=RUN_KEYS) -> str | None:
+    """Why `folder`, which holds a config.json, is no run folder train.py wrote (in words, for a note or an error):
+    its config.json is unreadable, or describes something else (a Hugging Face or timm model folder beside its
+    weights); None for a run."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"its config.json is unreadable ({' '.join(str(e).split())[:80]})"
+    if not isinstance(cfg, dict):
+        return f"its config.json holds a {type(cfg).__name__}, not a run's settings"
+    if "model_type" in cfg or "architectures" in cfg:
+        return f"a Hugging Face model folder (config.json of a {cfg.get('model_type', 'model')!r} model)"
+    if "architecture" in cfg and "pretrained_cfg" in cfg:
+        return f"a timm model folder (config.json of {cfg['architecture']!r})"
+    missing = [f"{part}.{k}" if k else part for part, need in keys.items()
+               for k in ([None] if not isinstance(cfg.get(part), dict) else [k for k in need if k not in cfg[part]])]
+    if missing:
+        return f"its config.json has no {', '.join(missing[:3])}: not a run train.py wrote, or a damaged one"
+    return None
+
+
+def read_run_config(folder, keys=RUN_KEYS) -> dict:
+    """A run's config.json, checked to be one and to hold `keys` (RunError with one line otherwise, see
+    not_a_run)."""
+    why = not_a_run(folder) or not_a_run(folder, keys)
+    if why:
+        raise RunError(f"{folder} is not a run folder: {why}; pass a folder written by train.py")
+    return read_json(Path(folder) / "config.json")
+
+
 def run_folders(paths) -> list[Path]:
-    """The run folders among `paths`, each once: a folder with a config.json is a run; a folder without one
-    stands for every run folder below it, at any depth (a --cls all folder, runs/ itself). Files among the paths
-    (a table.md caught by `runs/*`) are named and left out. Raises RunError for a path that does not exist or
-    holds no run."""
-    found, files = [], []
+    """The run folders among `paths`, each once: a folder with a run's config.json is a run; any other folder
+    stands for every run folder below it, at any depth (a --cls all folder, runs/ itself). What is not a run is
+    named in one note and left out: files among the paths (a table.md caught by `runs/*`) and folders whose
+    config.json is no run's (a teacher's Hugging Face folder, an unreadable file; see not_a_run). Raises RunError
+    for a path that does not exist or holds no run."""
+    found, files, others = [], [], []
     for p in map(Path, paths):
         if not p.exists():
             raise RunError(f"{p} not found: pass a run folder written by train.py")
         if p.is_file():
             files.append(p)
-        elif (p / "config.json").is_file():
+            continue
+        if (p / "config.json").is_file() and not not_a_run(p):
             found.append(p)
-        else:
-            inner = sorted(q.parent for q in p.rglob("config.json"))
+            continue
+        inner = sorted(q.parent for q in p.rglob("config.json") if q.parent != p)
+        if (p / "config.json").is_file():
             if not inner:
-                raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
-                               f"written by train.py")
-            found += inner
+                raise RunError(f"{p} is not a run folder: {not_a_run(p)}; pass a folder written by train.py")
+            inner.insert(0, p)
+        if not inner:
+            raise RunError(f"{p} is not a run folder (no config.json in it or in its subfolders): pass a folder "
+                           f"written by train.py")
+        for q in inner:
+            why = not_a_run(q)
+            if why:
+                others.append(f"{q} ({why})")
+            else:
+                found.append(q)
     if files:
         print(f"note: left out {len(files)} file{'s' * (len(files) > 1)} that {'are' if len(files) > 1 else 'is'} "
               f"no run folder: {', '.join(map(str, files[:5]))}", file=sys.stderr)
+    if others:
+        note(f"left out {counted(len(others), 'folder that is not a run', 'folders that are not runs')}: "
+             f"{named(others)}")
     unique = list({p.resolve(): p for p in found}.values())  # the same folder given twice counts once
     if not unique:
         raise RunError(f"no run folder among {', '.join(map(str, paths))}: pass folders written by train.py")

@@ -19,6 +19,7 @@ from cli import progress
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check waits for the device once)
 SHOW_EVERY = 10   # steps between updates of the progress bar's loss (each one waits for the device too)
+DIVERGED = "the student diverged: try a lower --lr or --precision fp32, with --overwrite"
 
 
 class Stop(Exception):
@@ -96,8 +97,7 @@ class EpochSteps:
         finite = torch.isfinite(torch.stack(self.losses))
         if not finite.all():
             step = self.first + int((~finite).nonzero()[0]) + 1
-            raise Stop(f"non-finite loss at epoch {self.epoch + 1}, step {step} (try a lower --lr or --precision "
-                       f"fp32); {self.snaps.kept(False)}")
+            raise Stop(f"non-finite loss at epoch {self.epoch + 1}, step {step} ({DIVERGED}); {self.snaps.kept(False)}")
 
     def summary(self) -> dict:
         """The whole epoch's figures (a resumed epoch's earlier steps included)."""

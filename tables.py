@@ -6,6 +6,7 @@ beside the published figures where they are comparable. Written as Markdown, CSV
 Plumbing beside evaluate.py: nothing here computes a score.
 """
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from cli import RunError
 from data import CIFAR10_CLASSES, CROP_PCT
 from mvtec import MVTEC_CATEGORIES
 from plots import PlotError, table_png
-from record import TORCHVISION_CIFAR10, read_json, run_folders
+from record import TORCHVISION_CIFAR10, read_json, read_run_config, run_folders, write_text
+from writes import write_atomically
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
 # One-class CIFAR-10: the paper's table (VGG16) and the ViT reproduction's README
@@ -149,7 +151,7 @@ def tables(paths) -> list[dict]:
         if not (run / "results.json").is_file():
             print(f"note: {run} is unfinished (no results.json): left out of the table", file=sys.stderr)
             continue
-        cfg = read_json(run / "config.json")
+        cfg = read_run_config(run)
         groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json"), run))
     if not groups:
         raise RunError(f"no finished run in {', '.join(map(str, paths))} (no results.json): nothing to tabulate")
@@ -189,13 +191,14 @@ def write_table(paths, out_prefix=None) -> str:
     out = Path(out_prefix) if out_prefix else table_prefix(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out.with_suffix(".md"), out.with_suffix(".csv")]
-    out.with_suffix(".md").write_text("\n\n".join(g["markdown"] for g in groups) + "\n")
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        order = ["class", "name", "test_auroc", "std"] + [k for k, _ in COLUMNS if k != "test_auroc"]
-        writer = csv.DictWriter(f, fieldnames=["group", *order])
-        writer.writeheader()
-        for g in groups:
-            writer.writerows({"group": g["title"]} | r for r in g["rows"])
+    write_text(out.with_suffix(".md"), "\n\n".join(g["markdown"] for g in groups) + "\n")
+    rows = io.StringIO()
+    order = ["class", "name", "test_auroc", "std"] + [k for k, _ in COLUMNS if k != "test_auroc"]
+    writer = csv.DictWriter(rows, fieldnames=["group", *order])
+    writer.writeheader()
+    for g in groups:
+        writer.writerows({"group": g["title"]} | r for r in g["rows"])
+    write_atomically(out.with_suffix(".csv"), lambda tmp: tmp.write_text(rows.getvalue(), newline=""))
     for stale in [out.with_suffix(".png"), *out.parent.glob(f"{out.name}-[0-9]*.png")]:  # an earlier table's charts
         stale.unlink(missing_ok=True)
     for k, g in enumerate(groups, start=1):

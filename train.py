@@ -32,9 +32,9 @@ from checkpoint import save_tensors
 from cli import autocast
 from data import CROP_PCT, Preprocess, batches
 from distill import KDAD, channels_last, make_student, place, taps_for
-from evaluate import auroc, load_student, localisation, score_images
+from evaluate import NonFinite, auroc, finite, load_student, localisation, score_images
 from record import Run, Snapshots
-from steps import EpochSteps, interruptible
+from steps import DIVERGED, EpochSteps, Stop, interruptible
 from vit import set_fused_attn
 
 ## The recipes, per data set and backbone. On CIFAR-10 (and any image folder laid out like it) the VGG one is the
@@ -117,11 +117,11 @@ def validate(args, kdad: KDAD, data, prep: Preprocess, amp) -> dict:
     """End-of-epoch figures: the loss on held-out normal images (no labels needed), and, only for
     --select val-auroc, the validation AUROC (which uses the validation images' anomaly labels)."""
     normal = data.val[data.val_labels == 0]
-    out = {"val_normal_loss": score_images(kdad, normal, prep, amp, args.eval_batch_size, train_taps=True,
-                                           plain=args.plain).mean().item()}
+    loss = score_images(kdad, normal, prep, amp, args.eval_batch_size, train_taps=True, plain=args.plain)
+    out = {"val_normal_loss": finite(loss, "validation loss").mean().item()}  # NonFinite: a diverged student
     if args.select == "val-auroc":
         scores = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
-        out["val_auroc"] = auroc(scores, data.val_labels.cpu())
+        out["val_auroc"] = auroc(scores, data.val_labels.cpu(), "validation scores")
     return out
 
 
@@ -146,7 +146,8 @@ def build(args, teacher, device, precision):
 
 def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
     """Train for args.epochs (continuing run/state.pt if `resume`), then score once (finish); returns the figures
-    for results.json. steps.Stop is raised, saying what was kept, on Ctrl-C or a non-finite loss."""
+    for results.json. steps.Stop is raised, saying what was kept, on Ctrl-C or non-finite values (the training or
+    validation loss, the scores, maps or kNN features: evaluate.NonFinite)."""
     student, kdad, prep, amp, opt, sched = build(args, teacher, device, precision)
     snaps = Snapshots(run, student, opt, sched, device)  # state.pt: weights, optimiser, position, RNG (record.py)
     if resume:
@@ -161,14 +162,21 @@ def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
             steps = EpochSteps(epoch_batches(args, data, prep, epoch, first), len(data.train), args, epoch, snaps,
                                stop)
             train_epoch(kdad, opt, amp, steps, cache)
-            record = steps.summary() | {"lr": opt.param_groups[0]["lr"]} | validate(args, kdad, data, prep, amp)
+            try:
+                record = steps.summary() | {"lr": opt.param_groups[0]["lr"]} | validate(args, kdad, data, prep, amp)
+            except NonFinite as e:  # the epoch's student is not kept
+                raise Stop(f"{e} at epoch {epoch + 1} ({DIVERGED}); {snaps.kept(False)}") from None
             sched.step()
             snaps.end_epoch(epoch + 1, record)  # log.jsonl and state.pt; best.safetensors for --select val-auroc
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {record['loss']:.4f}  val-normal-loss "
                   f"{record['val_normal_loss']:.4f}  {record['images_per_s']:7.1f} img/s"
                   + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
             stop.after_epoch(epoch + 1, snaps)
-    return finish(args, kdad, student, data, prep, amp, run, snaps.state, cache)
+    try:
+        return finish(args, kdad, student, data, prep, amp, run, snaps.state, cache)
+    except NonFinite as e:  # scores, maps or features of the final scoring
+        raise Stop(f"{e} in the final scoring ({DIVERGED}); the trained state is kept in {snaps.path}, no "
+                   f"student.safetensors or results.json written") from None
 
 
 def finish(args, kdad: KDAD, student, data, prep: Preprocess, amp, run: Run, state: dict, cache=None) -> dict:
@@ -185,10 +193,10 @@ def finish(args, kdad: KDAD, student, data, prep: Preprocess, amp, run: Run, sta
         val = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
         test = score_images(kdad, data.test, prep, amp, args.eval_batch_size, plain=args.plain)
     score_speed = (len(val) + len(test)) / (time.time() - t0)
-    save_tensors(student.state_dict(), run.path / "student.safetensors")
     history = state["history"]
     images, seconds = sum(r["images"] for r in history), sum(r["seconds"] for r in history)
-    results = {"val_auroc": auroc(val, data.val_labels.cpu()), "test_auroc": auroc(test, data.test_labels.cpu()),
+    results = {"val_auroc": auroc(val, data.val_labels.cpu(), "validation scores"),
+               "test_auroc": auroc(test, data.test_labels.cpu(), "test scores"),
                "val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
                "selected_epoch": selected, "selection": args.select,
                "uses_anomaly_labels": args.select == "val-auroc", "train_images": images, "train_seconds": seconds,
@@ -198,6 +206,7 @@ def finish(args, kdad: KDAD, student, data, prep: Preprocess, amp, run: Run, sta
         results["knn_feature"] = knn.feature_name(args.backbone, kdad.teacher)
     if data.test_masks is not None:  # MVTec AD: where the defects are, against the masks
         results |= localisation(kdad, data, prep, amp)
+    save_tensors(student.state_dict(), run.path / "student.safetensors")  # once every figure is finite
     return results
 
 

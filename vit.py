@@ -238,7 +238,7 @@ def with_image_size(model: ViT, image_size: int, pos_resize: str | None = None) 
     prefix = 1 + cfg.registers if cfg.pos_embed_prefix else 0
     sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], cfg.grid, new.cfg.grid, prefix, cfg.pos_resize)
     new.load_state_dict(sd, assign=True)
-    new.layout = getattr(model, "layout", None)
+    new.layout, new.described = getattr(model, "layout", None), getattr(model, "described", {})
     return new.train(model.training)
 
 
@@ -246,19 +246,27 @@ def with_image_size(model: ViT, image_size: int, pos_resize: str | None = None) 
 ## A teacher from a file.
 
 def load_vit(path, image_size: int | None = None, heads: int | None = None) -> ViT:
-    """The ViT a .safetensors file describes (any layouts.LAYOUTS layout), every tensor loaded, in eval mode, at
-    `image_size` (the file's own if None: the position table is resized the way the file's library does it).
-    heads: the number of attention heads, which no tensor's shape gives (default: layouts.py's rule). Raises
-    CheckpointError naming the file and the first offending tensors."""
-    sd, fields, layout, what = read_vit_checkpoint(path)  # tensors under our names, config from their shapes
-    cfg = ViTConfig(**fields)
+    """The ViT a .safetensors file describes (any layouts.LAYOUTS layout, with what the files beside it say:
+    layouts.described), every tensor loaded, in eval mode, at `image_size` (the file's own if None: the position
+    table is resized the way the file's library does it). heads: the number of attention heads where nothing
+    beside the file says it (no tensor's shape does; default: layouts.assumed_heads). model.described says where
+    each field not read from the tensors came from. Raises CheckpointError naming the file and the first offending
+    tensors, or a head count that contradicts the file's config.json or does not divide its width."""
+    sd, fields, layout, what, sources = read_vit_checkpoint(path)  # tensors under our names, config from them
+    if heads and heads != fields["heads"] and sources["heads"].startswith("config.json"):
+        raise CheckpointError(f"--teacher-heads {heads}, but {path}'s {sources['heads']} says "
+                              f"{fields['heads']} heads: leave --teacher-heads out")
     if heads:
-        cfg = replace(cfg, heads=heads)
+        fields, sources = fields | {"heads": heads}, sources | {"heads": "--teacher-heads"}
+    if fields["width"] % fields["heads"]:
+        raise CheckpointError(f"{path}: width {fields['width']} cannot be split into {fields['heads']} attention "
+                              f"heads ({sources['heads']}): pass the head count with --teacher-heads N")
+    cfg = ViTConfig(**fields)
     with torch.device("meta"):  # shapes only: the random init would all be overwritten (seconds for a ViT-B)
         model = ViT(cfg)
     check_state_dict(path, sd, model.state_dict(), what)
     model.load_state_dict(sd, assign=True)
-    model.layout = layout
+    model.layout, model.described = layout, sources
     if image_size and image_size != cfg.image_size:
         model = with_image_size(model, image_size)
     return model.eval()

@@ -130,3 +130,32 @@ def test_torchvision_cifar10_source(monkeypatch, tmp_path):
                                              "network' in the README: --data-dir takes an image folder"):
         folders.open_source(None, tmp_path / "data", image_size=32)
     assert not (tmp_path / "data").exists()  # a failed first download leaves no empty folder behind
+
+
+def test_a_damaged_cifar10_download_is_blamed_not_the_network(monkeypatch, tmp_path):
+    """Offline, torchvision takes a damaged archive (or batch file) for a missing one and tries to download it:
+    the line names the damaged file, not the name resolution that failed."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def no_dns(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    root = tmp_path / "data"
+    root.mkdir()
+    archive = root / "cifar-10-python.tar.gz"
+    archive.write_bytes(np.random.default_rng(0).bytes(5000))  # the first 5 kB of a 170 MB download
+    with pytest.raises(data.DataError, match=r"cifar-10-python.tar.gz \(5000 bytes\) is damaged: its md5 is not the "
+                                             r"one torchvision publishes .* delete it and run again"):
+        folders.open_source(None, root, image_size=32)
+    assert archive.is_file()  # kept: deleting it is the user's call
+    archive.unlink()
+    batch = root / "cifar-10-batches-py" / "data_batch_1"  # extracted earlier, one batch cut short since
+    batch.parent.mkdir()
+    batch.write_bytes(b"\0" * 100)
+    with pytest.raises(data.DataError, match=r"data_batch_1 \(100 bytes\) is damaged"):
+        folders.open_source(None, root, image_size=32)
+    batch.unlink()
+    with pytest.raises(data.DataError, match="could not get CIFAR-10 into .*Temporary failure in name resolution"):
+        folders.open_source(None, root, image_size=32)  # nothing there: then it is the network

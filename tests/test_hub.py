@@ -11,6 +11,7 @@ import huggingface_hub.utils._http
 import pytest
 import torch
 
+import checkpoint
 import train
 from helpers import FakeHub, image_folder, torchvision_vit, tv_to_hf, vit_teacher_file
 
@@ -140,3 +141,27 @@ def test_addresses_and_hub_errors(files, tmp_path, hub, capsys):
     assert train.main(argv_for(files, tmp_path / "r4", cache, "--teacher",
                                f"{hub.endpoint}/{DINO_REPO}/resolve/main/missing.safetensors")) == 2
     assert f"{DINO_REPO} has no file missing.safetensors at revision main" in capsys.readouterr().err
+
+
+def test_a_cache_without_refs_main_is_still_a_cache(files, tmp_path, monkeypatch, capsys):
+    """A cache copied by hand without refs/ (or whose refs/main names a snapshot that is gone): offline,
+    huggingface_hub finds nothing through refs/main, but the snapshot file is there."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+    repo_dir = cache / f"models--{DINO_REPO.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / FakeHub.COMMIT / "model.safetensors"
+    snap.parent.mkdir(parents=True)
+    snap.write_bytes(Path(files["vit"]).read_bytes())
+    assert checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
+    err = capsys.readouterr().err
+    assert "has no refs/main" in err and f"only snapshot that holds model.safetensors, {FakeHub.COMMIT}" in err
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("f" * 40)  # names a snapshot that is not there
+    assert checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
+    other = repo_dir / "snapshots" / ("e" * 40) / "model.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(snap.read_bytes())
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds model.safetensors in 2 snapshots of .* "
+                       r"\(0123456789ab, eeeeeeeeeeee\) but no refs/main says which is main: pass one with --teacher"):
+        checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache)

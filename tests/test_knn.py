@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import knn
 import tables
 import train
 from helpers import image_folder, vgg16_file, vit_teacher_file
@@ -103,3 +104,28 @@ def test_knn_k_zero_skips_it_and_too_large_k_is_refused(files, tmp_path, capsys)
     assert group["rows"][0]["knn_test_auroc"] is None
     assert run(files, tmp_path / "r2", "vit", "--knn-k", "28") == 2  # 27 training images
     assert "--knn-k 28 needs at least 28 training images" in capsys.readouterr().err
+
+
+def test_a_timm_fc_norm_checkpoint_is_said_to_give_the_raw_cls_token(files, tmp_path):
+    """timm ViTs pooled by averaging (global_pool='avg', fc_norm=True: MAE, BEiT fine-tunes) keep their last
+    LayerNorm as fc_norm after the pooling, and none on the tokens: the kNN feature is then the raw CLS token, and
+    results.json says so."""
+    timm = pytest.importorskip("timm")
+    from helpers import randomize, save
+    from vit import load_vit
+    kw = dict(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=2, mlp_ratio=2)
+    avg = randomize(timm.models.vision_transformer.VisionTransformer(global_pool="avg", fc_norm=True, **kw))
+    assert "fc_norm.weight" in avg.state_dict() and "norm.weight" not in avg.state_dict()
+    path = save(avg.state_dict(), tmp_path / "mae-like.safetensors")
+    teacher = load_vit(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        last = teacher(x)[-1]
+    assert teacher.norm is None and torch.equal(image_embedding(teacher, last), last[:, 0])
+    token = save(randomize(timm.models.vision_transformer.VisionTransformer(**kw)).state_dict(),
+                 tmp_path / "token.safetensors")  # the usual CLS-token ViT: its final norm is there
+    assert knn.feature_name("vit", load_vit(token)) == "final normalised CLS token"
+    out = tmp_path / "r"
+    assert train.main(["--backbone", "vit", "--cls", "bee", "--teacher", path, "--data-dir", files["data"],
+                       "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["knn_feature"] == "raw CLS token"

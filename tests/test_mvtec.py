@@ -215,3 +215,74 @@ def test_all_categories_train_score_localise_and_tabulate(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert evaluate.main([str(out / "1-grid"), "--plots"]) == 0
     assert (out / "1-grid" / "maps.png").stat().st_size > 10_000
+
+
+## --------------------------------------------------------------------------------------------------------
+## Non-square images (3:2, like VisA): each recipe's geometry, images and masks alike.
+
+def wide_category(root, n_defect=4, edge=True) -> tuple[str, dict]:
+    """<root>/wide/ with 96x64 RGB images (width x height) and, with edge=True, every defect (a 6x6 square) in the
+    outer sixth of the width, where a center crop to 64x64 cuts it away. Returns the root and {test file: mask}."""
+    rng = np.random.default_rng(1)
+    base, drawn = Path(root) / "wide", {}
+
+    def save(path, a):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a.astype(np.uint8)).save(path)
+    for split, n in (("train", 8), ("test", 2)):
+        for i in range(n):
+            save(base / split / "good" / f"{i:03d}.png", rng.integers(60, 120, (64, 96, 3)))
+    for i in range(n_defect):
+        a, mask = rng.integers(60, 120, (64, 96, 3)), np.zeros((64, 96), dtype=bool)
+        x = (rng.integers(0, 10) if i % 2 else rng.integers(80, 90)) if edge else rng.integers(20, 70)
+        y = rng.integers(5, 50)
+        mask[y:y + 6, x:x + 6] = True
+        a[mask] = 250
+        save(base / "test" / "broken" / f"{i:03d}.png", a)
+        save(base / "ground_truth" / "broken" / f"{i:03d}_mask.png", mask * 255)
+        drawn[str(base / "test" / "broken" / f"{i:03d}.png")] = mask
+    return str(root), drawn
+
+
+def test_mvtec_recipes_resize_the_whole_image_and_its_mask(tmp_path, capsys):
+    root, drawn = wide_category(tmp_path / "wide")
+    source = folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec")  # the MVTec recipes' geometry
+    d = data.one_class_data(source, "wide")
+    assert "resized as a whole to 32x32, as the recipe does (aspect ratio not kept)" in capsys.readouterr().err
+    for i, f in enumerate(d.test_files):
+        whole = np.array(Image.open(f).convert("RGB").resize((32, 32), Image.BILINEAR))  # Resize([32, 32])
+        assert torch.equal(d.test[i], torch.from_numpy(whole).permute(2, 0, 1)), f
+        if f in drawn:  # every defect kept, where any of its pixels was (PIL's BOX filter over 3x2 pixels)
+            boxed = np.asarray(Image.fromarray(drawn[f].astype(np.float32), mode="F").resize((32, 32), Image.BOX))
+            assert d.test_masks[i].any() and torch.equal(d.test_masks[i], torch.from_numpy(boxed > 1e-6)), f
+
+
+def test_a_mask_the_geometry_empties_is_named(tmp_path, capsys):
+    root, drawn = wide_category(tmp_path / "wide")
+    source = folders.open_source(root, image_size=28, crop_pct=data.CROP_PCT, dataset="mvtec")  # a crop recipe
+    d = data.one_class_data(source, "wide")
+    (lost,) = [line for line in capsys.readouterr().err.splitlines() if "every defect pixel" in line]
+    assert "wide/test: 4 defect masks lose every defect pixel to the recipe's center crop (100% of all" in lost
+    assert "broken/000.png" in lost and "scored as anomalous though the network never sees their defect" in lost
+    assert not d.test_masks.any()
+    empty = Path(root) / "wide" / "ground_truth" / "broken" / "001_mask.png"
+    Image.new("L", (96, 64)).save(empty)  # a defective image whose mask holds no defect pixel
+    data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide")
+    assert "1 defective image has an empty mask (no defect pixel): broken/001.png" in capsys.readouterr().err
+
+
+def test_a_changed_mask_is_refused_for_a_recorded_run(tmp_path):
+    import record
+    root, _ = wide_category(tmp_path / "wide", edge=False)
+    d = data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide")
+    saved = {"settings": {"class_name": "wide"}, "images": record.image_record(
+        folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), d, root)}
+    assert len(saved["images"]["splits"]["test"]["masks"]) == 4  # the masks are part of what the run scored
+    again = record.data_as_recorded(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide",
+                                    0, None, saved, root)
+    assert torch.equal(again.test_masks, d.test_masks) and again.mvtec and again.class_name == "wide"
+    Image.new("L", (96, 64), 255).save(Path(root) / "wide" / "ground_truth" / "broken" / "002_mask.png")
+    with pytest.raises(record.ImagesChanged, match=r"masks: 1 of 4 changed or gone \(e.g. wide/ground_truth/broken/"
+                                                   r"002_mask.png\)"):
+        record.data_as_recorded(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "wide", 0,
+                                None, saved, root)

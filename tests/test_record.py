@@ -1,9 +1,13 @@
 """The run record matches what ran: tables group comparable runs, resume compares what matters, names tell runs
 apart, figures are what they say (record.py, evaluate.py's tables)."""
+import errno
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import evaluate
 import record
@@ -88,16 +92,66 @@ def test_table_files_go_beside_the_runs_and_are_named(tmp_path, monkeypatch, cap
     assert (tmp_path / "mine.md").is_file() and not list(work.iterdir())
 
 
+def not_runs(folder: Path) -> dict:
+    """Folders holding a config.json that are no runs: a teacher's Hugging Face folder (as a download leaves it), a
+    timm model folder, a config.json without settings, unreadable JSON. Returns {name: what the note says}."""
+    kinds = {"hf-vit": ({"model_type": "vit", "num_attention_heads": 3}, "a Hugging Face model folder"),
+             "timm-vit": ({"architecture": "vit_small_patch16_224", "pretrained_cfg": {}}, "a timm model folder"),
+             "settingless": ({"teacher": {"sha256": "x"}}, "has no settings"),
+             "broken": (None, "is unreadable")}
+    for name, (config, _) in kinds.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text("{not json" if config is None else json.dumps(config))
+    (folder / "hf-vit" / "model.safetensors").write_bytes(b"\0" * 16)
+    return {name: said for name, (_, said) in kinds.items()}
+
+
 def test_evaluate_an_all_classes_folder(files, tmp_path, capsys):
     out = tmp_path / "all"
     assert train.main(argv_for(files, out, "vgg", cls="all")) == 0
     printed = capsys.readouterr().out
     assert f"class 1/3: {out / '0-ant'} (seed 0)" in printed and f"class 3/3: {out / '2-cow'}" in printed
+    said = not_runs(out / "downloads")  # other things in the folder of runs: named once each, never a traceback
     assert evaluate.main([str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed, (note,) = captured.out, [line for line in captured.err.splitlines() if line.startswith("note:")]
     for sub in ("0-ant", "1-bee", "2-cow"):
         assert f"{out / sub}:" in printed
     assert printed.count("\ntest_auroc:") == 3
+    assert "left out 4 folders that are not runs" in note and all(f"{out / 'downloads' / n} (" in note for n in said)
+    assert all(what in note for what in said.values())
+    assert evaluate.main(["--table", str(out)]) == 0 and "left out 4 folders" in capsys.readouterr().err
+
+
+def test_what_is_not_a_run_is_named_never_a_traceback(files, tmp_path, capsys):
+    said = not_runs(tmp_path / "d")
+    for name, what in said.items():  # given by itself: one line, exit 2
+        assert evaluate.main([str(tmp_path / "d" / name)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: {tmp_path / 'd' / name} is not a run folder: ") and what in last, last
+    runs = [fake_run(tmp_path / "d" / f"s{s}", seed=s) for s in (0, 1)]
+    (group,) = tables.tables([tmp_path / "d"])  # the table of the two runs; the others named
+    assert group["rows"][0]["runs"] == len(runs) and "left out 4 folders" in capsys.readouterr().err
+    assert train.main(argv_for(files, tmp_path / "d" / "hf-vit")) == 2  # --out a teacher's folder: refused
+    assert "is not a run folder: a Hugging Face model folder" in capsys.readouterr().err
+    assert json.loads((tmp_path / "d" / "hf-vit" / "config.json").read_text())["model_type"] == "vit"
+
+
+def test_a_table_on_a_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    run = fake_run(tmp_path / "runs" / "r")
+    real = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith("table."):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert evaluate.main(["--table", str(run), "--table-out", str(tmp_path / "out" / "table")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"error: could not write table.md in {tmp_path / 'out'} (Read-only file system; ") and \
+        "free there" in err
+    assert not list((tmp_path / "out").iterdir())  # no table.md.tmp left
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -215,3 +269,86 @@ def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsy
 def test_default_names_can_be_pasted_into_a_shell():
     assert record.default_run_dir("vit", "my teacher", "My Pets", "My Cat", 0, 224, None, 10, 10) == \
         Path("runs/vit-my_teacher-My_Pets-My_Cat-s0")
+
+
+## --------------------------------------------------------------------------------------------------------
+## The data changed after training: what a run recorded is what is scored and what a resumed run trains on.
+
+def grow(data: Path, n_train: int, n_test: int, cls="bee"):
+    """Add images to a class folder after a run, as a user drops new pictures in."""
+    import shutil
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            shutil.copy(data / split / "ant" / f"{i:03d}.png", data / split / cls / f"new{i:03d}.png")
+
+
+def test_evaluate_scores_the_images_the_run_recorded(files, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+    data = Path(shutil.copytree(files["data"], tmp_path / "data"))
+    out = tmp_path / "r"
+    assert train.main(argv_for(files, out, "vit", "--data-dir", str(data), "--knn-k", "0")) == 0
+    grow(data, n_train=6, n_test=4)  # the folder gains images after the run
+    capsys.readouterr()
+    _, _, d, _, _ = evaluate.load_run(out, torch.device("cpu"))
+    assert (len(d.train), len(d.val), len(d.test)) == (27, 9, 30)  # the run's, not 33, 9 and 34
+    note = capsys.readouterr().err
+    recorded = json.loads((out / "config.json").read_text())["images"]
+    assert recorded["splits"]["test"]["files"]["test/ant/000.png"] == record.file_digest(data / "test/ant/000.png")
+    assert [record.under(f, data) for f in d.test_files] == list(recorded["splits"]["test"]["files"])
+    assert [record.under(f, data) for f in d.val_files] == list(recorded["splits"]["val"]["files"])
+    assert "test/bee 10 -> 14 files (e.g. test/bee/new000.png)" in note and "train/bee 30 -> 36 files" in note
+    assert "the run's own 27 training, 9 validation and 30 test images are all there, unchanged" in note
+
+    picture = data / "test" / "ant" / "001.png"  # replaced in place: same name, other pixels
+    Image.fromarray(255 - np.asarray(Image.open(picture))).save(picture)
+    (data / "train" / "cow" / recorded["splits"]["val"]["files"].popitem()[0].split("/")[-1]).unlink()
+    assert evaluate.main([str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "validation: 1 of 9 gone (e.g. train/cow/" in last and "test: 1 of 30 changed (e.g. test/ant/001.png)" \
+        in last and "its figures would be another data set's, not this run's" in last
+
+
+def test_resume_trains_on_the_split_the_run_recorded(files, tmp_path, capsys):
+    import shutil
+    data = Path(shutil.copytree(files["data"], tmp_path / "data"))
+    out = tmp_path / "r"
+    argv = argv_for(files, out, "vit", "--data-dir", str(data), "--knn-k", "0")
+    assert train.main(argv) == 0
+    before = json.loads((out / "config.json").read_text())
+    grow(data, n_train=10, n_test=0)  # split again now, bee's held-out images would be others
+    assert train.main(argv + ["--epochs", "2", "--resume"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in log] == [27, 27]  # the same 27 training images, never a held-out one
+    assert "train/bee 30 -> 40 files" in capsys.readouterr().err
+    before = before["images"]
+    assert json.loads((out / "config.json").read_text())["images"]["splits"] == before["splits"]
+    (data / "train" / "bee" / next(iter(before["splits"]["train"]["files"])).split("/")[-1]).unlink()
+    assert train.main(argv + ["--epochs", "3", "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot resume {out}: the images this run recorded changed") and \
+        "training: 1 of 27 gone (e.g. train/bee/" in last
+
+
+def test_torchvision_cifar10_is_checked_by_its_pixels(tmp_path, monkeypatch):
+    import torchvision
+
+    import data as data_module
+    import folders
+    pixels = {"train": np.random.default_rng(0).integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+              "test": np.random.default_rng(1).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)}
+
+    class FakeCIFAR10:
+        def __init__(self, root, train, download):
+            self.data = pixels["train" if train else "test"]
+            self.targets = [i % 10 for i in range(len(self.data))]
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    source = folders.open_source(None, tmp_path, image_size=32)
+    d = data_module.one_class_data(source, "cat")
+    saved = {"settings": {"class_name": "cat"}, "images": record.image_record(source, d, None)}
+    again = record.data_as_recorded(folders.open_source(None, tmp_path, image_size=32), "cat", 0, None, saved, None)
+    assert torch.equal(again.test, d.test)
+    pixels["test"][5, 0, 0] += 1  # one pixel of one test image
+    with pytest.raises(record.ImagesChanged, match="is not the one this run used: test images differ"):
+        record.data_as_recorded(folders.open_source(None, tmp_path, image_size=32), "cat", 0, None, saved, None)

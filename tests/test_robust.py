@@ -1,4 +1,6 @@
 """Bad input gets one clear line and a non-zero exit; an interrupted run loses nothing and resumes exactly."""
+import argparse
+import errno
 import json
 import os
 import random
@@ -10,12 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
+import distill
 import evaluate
+import knn
 import train
+import writes
 from checkpoint import read_tensors
 from helpers import image_folder, save, torchvision_vit, vgg16_file, vit_teacher_file
 
@@ -287,6 +293,59 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, ca
     assert not (out / "results.json").exists()
 
 
+def poisoned_scores(monkeypatch, train_taps: bool, after_calls=0):
+    """KDAD.score gives inf for every image of its calls with train_taps (the validation loss) or without (the
+    anomaly scores), after the first `after_calls` such calls: a student that diverged without a non-finite
+    training loss."""
+    real, count = distill.KDAD.score, {"n": 0}
+
+    def score(self, x, taps=False):
+        out = real(self, x, taps)
+        if taps == train_taps:
+            count["n"] += 1
+            return out * float("inf") if count["n"] > after_calls else out
+        return out
+    monkeypatch.setattr(distill.KDAD, "score", score)
+
+
+def test_non_finite_validation_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    poisoned_scores(monkeypatch, train_taps=True, after_calls=1)  # epoch 1 validates fine, epoch 2 does not
+    fails(capsys, argv_for(files, out, "vit", "--epochs", "3"), "stopped: non-finite validation loss (3 of 3",
+          "at epoch 2", "try a lower --lr", "last good state (end of epoch 1)", code=3)
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1 and not (out / "results.json").exists()
+    monkeypatch.undo()
+    fails(capsys, [str(out)], "no student.safetensors", "stopped with non-finite validation loss", "lower --lr",
+          main=evaluate.main)
+
+
+def test_non_finite_final_scores_or_features_stop_with_one_line(files, tmp_path, capsys, monkeypatch):
+    poisoned_scores(monkeypatch, train_taps=False)  # the validation loss is fine, the final scores are not
+    out = tmp_path / "r"
+    fails(capsys, argv_for(files, out), "non-finite validation scores (9 of 9 NaN/inf) in the final scoring",
+          "no student.safetensors or results.json written", code=3)
+    assert (out / "state.pt").is_file() and not (out / "student.safetensors").exists()
+    features = [torch.ones(3, 4), torch.full((2, 4), float("nan"))]  # the teacher's, e.g. overflowing in bf16
+    with pytest.raises(evaluate.NonFinite, match=r"non-finite teacher image features \(kNN baseline\) \(8 of 20"):
+        knn.baseline(None, argparse.Namespace(val=torch.zeros(3)), None, None, 2, features, 8)
+
+
+def test_evaluate_a_student_that_gives_non_finite_scores(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out, "vit", "--knn-k", "0")) == 0
+    poisoned_scores(monkeypatch, train_taps=False)  # e.g. evaluated at a precision where it overflows
+    fails(capsys, [str(out)], "non-finite validation scores (9 of 9 NaN/inf)", "--precision fp32", code=3,
+          main=evaluate.main)
+    nan_map = np.zeros((2, 4, 4))
+    nan_map[1, 2, 2] = float("nan")
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[1, :2] = True
+    for metric in (evaluate.pixel_auroc, evaluate.pro_score):
+        with pytest.raises(evaluate.NonFinite, match=r"non-finite anomaly-map pixels \(1 of 32 NaN/inf\)"):
+            metric(nan_map, masks)
+
+
 def test_crash_while_saving_leaves_the_previous_state_intact(files, tmp_path, monkeypatch):
     out = tmp_path / "r"
     assert cli(argv_for(files, out, "vit", "--epochs", "1")) == 0
@@ -363,3 +422,56 @@ def test_evaluate_refuses_what_it_cannot_trust(files, tmp_path, capsys):
     save(sd, teacher)
     fails(capsys, [str(out)], "has changed since training", "sha256", main=evaluate.main)
     fails(capsys, ["--table", str(tmp_path / "notarun")], "is not a run folder", main=evaluate.main)
+
+
+## --------------------------------------------------------------------------------------------------------
+## A full disk (or a read-only folder) while saving: one line, nothing half-written, nothing earlier lost.
+
+def no_room(kind: str):
+    """What each writer raises when the disk is full, as measured on a 64 kB tmpfs: torch.save's RuntimeError,
+    safetensors' SafetensorError, a plain OSError (json, logs, tables, plots)."""
+    from safetensors import SafetensorError
+    if kind == "torch":
+        return RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    if kind == "safetensors":
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def half_then(error):
+    """A writer that writes half a file to the temporary name it is given, then fails with `error`."""
+    def write(tmp):
+        Path(tmp).write_bytes(b"x" * 5000)
+        raise error
+    return write
+
+
+@pytest.mark.parametrize("kind, reason", [("torch", "torch.save failed"), ("safetensors", "No space left on device"),
+                                          ("os", "No space left on device")])
+def test_a_failed_write_is_one_line_and_leaves_the_old_file(tmp_path, kind, reason):
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"the previous state")
+    with pytest.raises(writes.WriteError) as e:
+        writes.write_atomically(target, half_then(no_room(kind)))
+    line = str(e.value)
+    assert line.startswith(f"could not write state.pt in {tmp_path} (") and reason in line and "free there" in line
+    assert "\n" not in line and target.read_bytes() == b"the previous state"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no state.pt.tmp keeping the disk full
+    for other in (KeyboardInterrupt(), ValueError("a bug")):  # not a write failure: raised as it is, tmp removed
+        with pytest.raises(type(other)):
+            writes.write_atomically(target, half_then(other))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_a_full_disk_while_training_is_one_line_and_resumable(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert cli(argv_for(files, out)) == 0  # one epoch, finished
+    state = (out / "state.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: half_then(no_room("torch"))(f))
+    last = fails(capsys, argv_for(files, out, "vit", "--epochs", "2", "--resume"), "could not write state.pt in",
+                 str(out), "free there", "--resume")
+    assert last.startswith("error: ") and (out / "state.pt").read_bytes() == state
+    assert not list(out.glob("*.tmp")) and (out / "results-1ep.json").is_file()  # the 1-epoch figures kept aside
+    monkeypatch.undo()
+    assert cli(argv_for(files, out, "vit", "--epochs", "2", "--resume")) == 0  # room again: it goes on
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2

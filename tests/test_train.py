@@ -149,3 +149,48 @@ def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path):
     assert config["teacher"]["config"]["mean"] == [0.5] * 3 and config["teacher"]["config"]["std"] == [0.5] * 3
     results = json.loads((out / "results.json").read_text())
     assert evaluate.evaluate_run(out, torch.device("cpu"))["test_auroc"] == pytest.approx(results["test_auroc"])
+
+
+def test_each_logged_lr_is_the_lr_its_epoch_trained_with(files, tmp_path, monkeypatch):
+    """The ViT recipe multiplies the lr by 0.2 after its milestone epoch (here moved to 1 to keep the test short):
+    log.jsonl's lr of each epoch is the lr of every step of that epoch, never the next epoch's."""
+    monkeypatch.setitem(train.RECIPES["cifar10"]["vit"], "milestones", [1])
+    used, real = [], train.train_step
+
+    def step(kdad, opt, *args, **kwargs):
+        used.append(opt.param_groups[0]["lr"])
+        return real(kdad, opt, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step)
+    assert run(files, tmp_path / "r", "vit", "--epochs", "2", "--lr", "1e-3", "--knn-k", "0") == 0  # 2 steps each
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-3, 2e-4]) and used == pytest.approx([1e-3] * 2 + [2e-4] * 2)
+
+
+def test_the_teacher_line_says_where_the_heads_come_from_and_runs_keep_them(files, tmp_path, capsys):
+    """A Hugging Face folder says its heads (config.json); a bare file does not: the assumption is printed and
+    --teacher-heads overrides it, recorded for evaluate.py. A config.json changed after training is refused."""
+    from helpers import hf_model
+    hf = tmp_path / "hf"
+    hf_model("ViTModel", hidden_size=96, num_attention_heads=3, intermediate_size=192).save_pretrained(hf)
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((hf / "model.safetensors").read_bytes())  # the same tensors, nothing beside them
+    argv = ["--backbone", "vit", "--cls", "bee", "--data-dir", files["data"], "--image-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--knn-k", "0"]
+    assert train.main(argv + ["--teacher", str(bare), "--out", str(tmp_path / "bare"), "--teacher-heads", "3"]) == 0
+    teacher_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher:"))
+    assert "width 96, 3 heads (--teacher-heads)" in teacher_line
+    settings = json.loads((tmp_path / "bare" / "config.json").read_text())["settings"]
+    assert settings["teacher_heads"] == 3
+    saved = json.loads((tmp_path / "bare" / "results.json").read_text())
+    again = evaluate.evaluate_run(tmp_path / "bare", torch.device("cpu"))
+    assert again["test_auroc"] == pytest.approx(saved["test_auroc"], abs=1e-6)  # evaluate.py used 3 heads too
+
+    assert train.main(argv + ["--teacher", str(hf / "model.safetensors"), "--out", str(tmp_path / "hf-run")]) == 0
+    assert "width 96, 3 heads (config.json)" in capsys.readouterr().out
+    (hf / "config.json").unlink()  # the folder no longer says 3 heads: another network from the same file
+    assert evaluate.main([str(tmp_path / "hf-run")]) == 2
+    assert "described otherwise than when it was trained (heads 3 -> 1" in capsys.readouterr().err
+    assert train.main(argv + ["--teacher", str(hf / "model.safetensors"), "--out", str(tmp_path / "hf-run"),
+                              "--epochs", "2", "--resume"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert cli.train_args(["--backbone", "vit", "--cls", "1", "--teacher-heads", "3"]).teacher_heads == 3

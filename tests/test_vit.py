@@ -1,4 +1,5 @@
 """The hand-written ViT reproduces the reference libraries on the same weights, in every checkpoint layout."""
+import json
 from dataclasses import asdict
 
 import pytest
@@ -242,3 +243,61 @@ def test_nan_in_an_unused_head_is_fine(tmp_path):
     sd = tv_to_hf(torchvision_vit(eps=1e-12).state_dict(), head_model=True)
     sd["classifier.weight"][:] = float("nan")  # e.g. torchvision's IMAGENET1K_FEATURES VGG has a NaN classifier
     assert vit.load_vit(save(sd, tmp_path / "t.safetensors")).cfg.depth == 3
+
+
+## --------------------------------------------------------------------------------------------------------
+## What the checkpoint's folder says: config.json beside a Hugging Face model.safetensors; the assumption where
+## nothing says it (a bare timm or torchvision file), and --teacher-heads.
+
+@pytest.mark.parametrize("arch, extra", [("ViTModel", dict(intermediate_size=192)), ("Dinov2Model", {})])
+def test_a_hugging_face_folder_runs_as_its_config_json_says(tmp_path, arch, extra):
+    """Width 96 in 3 heads of 32 (the 64-dims rule would give 1 head) and LayerNorm eps 1e-5 (not the family's):
+    only config.json says either."""
+    ref = hf_model(arch, hidden_size=96, num_attention_heads=3, layer_norm_eps=1e-5, **extra)
+    ref.save_pretrained(tmp_path / "m")  # model.safetensors + config.json, as a hub snapshot holds them
+    model = vit.load_vit(tmp_path / "m" / "model.safetensors")
+    assert (model.cfg.heads, model.cfg.eps) == (3, 1e-5) and model.described["heads"] == "config.json"
+    x = torch.randn(2, 3, 32, 32)
+    check_hidden(model, hf_hidden_states(ref, x), x, f"{arch} width 96, 3 heads, from its folder")
+    with pytest.raises(vit.CheckpointError, match="--teacher-heads 6, but .*config.json says 3 heads"):
+        vit.load_vit(tmp_path / "m" / "model.safetensors", heads=6)
+
+
+def test_what_a_folder_says_that_this_vit_cannot_run_is_one_line(tmp_path):
+    ref = hf_model("ViTModel", hidden_size=96, num_attention_heads=3, intermediate_size=192)
+    for key, value, fragment in [("hidden_act", "gelu_new", r"hidden_act 'gelu_new': this project's ViT runs the exact "
+                                                            r"\(erf\) GELU only"),
+                                 ("hidden_act", "quick_gelu", "hidden_act 'quick_gelu'"),
+                                 ("qkv_bias", False, "the model has no q/k/v bias"),
+                                 ("hidden_size", 768, "hidden_size 768, but .* holds width 96: the config.json is "
+                                                      "another model's")]:
+        folder = tmp_path / f"{key}-{value}"
+        ref.save_pretrained(folder)
+        config = json.loads((folder / "config.json").read_text()) | {key: value}
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(vit.CheckpointError, match=fragment):
+            vit.load_vit(folder / "model.safetensors")
+
+
+def test_a_bare_timm_file_says_its_assumption_and_takes_teacher_heads(tmp_path):
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    ref = randomize(timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3,
+                                               mlp_ratio=2, num_classes=0))
+    path = save(ref.state_dict(), tmp_path / "bare.safetensors")  # no folder around it: nothing says 3 heads
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = [ref._pos_embed(ref.patch_embed(x))]
+        for block in ref.blocks:
+            hidden.append(block(hidden[-1]))
+    assumed = vit.load_vit(path)
+    assert assumed.cfg.heads == 1 and assumed.described["heads"].startswith("assumed: 64 dims per head")
+    told = vit.load_vit(path, heads=3)
+    assert told.described["heads"] == "--teacher-heads"
+    check_hidden(told, hidden, x, "bare timm file, --teacher-heads 3")
+    with pytest.raises(vit.CheckpointError, match="width 96 cannot be split into 5 attention heads"):
+        vit.load_vit(path, heads=5)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_custom", "pretrained_cfg": {
+        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}, "model_args": {"num_heads": 3}}))  # timm's hub folder
+    described = vit.load_vit(path)
+    assert described.cfg.heads == 3 and described.cfg.mean == (0.5,) * 3
+    assert described.described == {"heads": "config.json model_args", "mean": "config.json", "std": "config.json"}

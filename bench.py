@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cache import feature_cache
-from cli import autocast, pick_device, pick_precision
+from cli import autocast, grad_scaler, pick_device, pick_precision, set_numerics
 from data import Preprocess, batches
 from distill import KDAD, make_student, taps_for
 from folders import open_source
@@ -93,7 +93,8 @@ def random_teacher(backbone: str, image_size: int):
 
 def bench_path(backbone, fast: bool, images, device, args) -> dict:
     precision = pick_precision("auto", device) if fast else "fp32"
-    amp = autocast(device, precision)
+    set_numerics(precision)
+    amp, scaler = autocast(device, precision), grad_scaler(device, precision)
     teacher = random_teacher(backbone, args.image_size).to(device)
     torch.manual_seed(0)
     student = make_student(backbone, teacher).to(device)
@@ -107,22 +108,21 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
         kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
     prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last)
     recipe = RECIPES["cifar10"][backbone]
-    opt = recipe["optimizer"](student.parameters(), lr=recipe["lr"])
+    opt = recipe["optimizer"](student.parameters(), lr=recipe["lr"], fused=fast and device.type == "cuda")
     n, bs = len(images), args.batch_size
-    order = torch.arange(n)
-    aug = prep.random_augment(n, torch.Generator().manual_seed(0)) if recipe["augment"] \
-        else prep.center(n)
+    order = torch.arange(n, device=device)
+    aug = (prep.random_augment(n, torch.Generator().manual_seed(0)) if recipe["augment"] else prep.center(n)).to(device)
     row = {"precision": precision}
 
     cache = None
     with peak_memory(device, mem := {}):
         if fast and not recipe["augment"]:  # the VGG recipe: build the cache once, outside the timed epoch
             t0 = time.perf_counter()
-            cache = feature_cache(kdad, images, prep, amp, bs, device, precision)
+            cache = feature_cache(kdad, images, prep, amp, bs, device, bs)
             sync(device)
             row["cache_s"] = time.perf_counter() - t0
         student.train()
-        row["train"] = timed(lambda idx, x: train_step(kdad, opt, amp, idx, x, cache),
+        row["train"] = timed(lambda idx, x: train_step(kdad, opt, amp, scaler, idx, x, cache),
                              batches(images, order, aug, bs, prep, plain=not fast, workers=args.workers),
                              args.steps, device)
     row["train_peak_mib"] = mem["peak_mib"]
@@ -133,7 +133,7 @@ def bench_path(backbone, fast: bool, images, device, args) -> dict:
         def score(idx, x):
             with amp():
                 kdad.score(x)
-        row["score"] = timed(score, batches(images, order, prep.center(n), bs, prep, plain=not fast,
+        row["score"] = timed(score, batches(images, order, prep.center(n).to(device), bs, prep, plain=not fast,
                                             workers=args.workers), args.steps, device)
     row["score_peak_mib"] = mem["peak_mib"]
     return row

@@ -304,7 +304,7 @@ def grad_scale(args, device):
           "when the largest gradient times 2^k passes 65504")
     print("\n| scale | params: zero | params: subnormal | activations: zero | activations: subnormal | overflow |")
     print("|---|---|---|---|---|---|")
-    for k in (0, 8, 12, 16, 18, 20, 22, 24, 26):
+    for k in (0, 8, 12, 16, 17, 18, 20, 22, 24, 26):
         pz, ps = fp16_fates(params, k)
         az, as_ = fp16_fates(activations, k)
         over = max(peaks) * 2.0 ** k > FP16_MAX

@@ -101,8 +101,7 @@ class FeatureCache:
         self.tensors, self.device = tensors, device
         self.on_host = tensors[0].device != device
         # host memory -> GPU: gathered into pinned buffers, whose copies to the GPU need not wait for the host
-        self.staging = [torch.empty((train_batch, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
-                        for t in tensors] if self.on_host else None
+        self.staging = [staging_buffer((train_batch, *t.shape[1:]), t.dtype) for t in tensors] if self.on_host else None
 
     def features(self, idx: torch.Tensor) -> list:
         """The cached features of images idx (B,) long, on the training device, one tensor per training tap."""
@@ -119,6 +118,16 @@ class FeatureCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def staging_buffer(shape, dtype) -> torch.Tensor:
+    """A pinned host buffer; an ordinary one, with a note, where pinning fails (a locked-memory limit)."""
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError as e:
+        note(f"could not pin host memory for the feature cache ({str(e).splitlines()[0][:80]}): its copies to the "
+             f"GPU wait for the host")
+        return torch.empty(shape, dtype=dtype)
 
 
 def feature_cache(kdad, images, prep, amp, batch_size: int, device, train_batch: int, what="training"):
@@ -146,6 +155,8 @@ def feature_cache(kdad, images, prep, amp, batch_size: int, device, train_batch:
             where = placement(need, [b * train_batch for b in per_image], 0, host_memory_available(), cuda)
             note(f"{label}: out of GPU memory while filling it; " + ("moving it to host memory" if where else
                                                                      "recomputing the teacher every step instead"))
+            if where is None:
+                return None
     print(f"{label}: {need / 2**30:.1f} GiB does not fit; recomputing the teacher every step")
     return None
 

@@ -46,18 +46,18 @@ class Sizes:
     vit: ViTConfig            # the teachers' architectures (random weights)
     vgg: VGGConfig
     batch: dict               # training batch per backbone
-    steps: int                # timed training steps (after WARM_UP)
+    steps: int                # timed training steps (after warm_up)
     eval_batch: int
     score_images: int
     run_images: int           # training images of the short runs (determinism, torchrun)
     run_batch: int
+    warm_up: int = 2          # untimed steps first (kernel choice, allocator, compiling)
 
 
-WARM_UP = 2
 GPU = Sizes(224, ViTConfig(image_size=224), VGGConfig(), {"vit": 128, "vgg": 64}, 20, 256, 512, 256, 128)
 TOY = Sizes(32, ViTConfig(image_size=32, patch_size=8, width=64, depth=4, heads=2, mlp_width=128),
             VGGConfig(widths=[8, "M", 128, "M", 256, "M", 512, "M", 512, "M"]),  # VGG16's widths where KDAD taps
-            {"vit": 4, "vgg": 4}, 2, 8, 8, 16, 4)
+            {"vit": 4, "vgg": 4}, 1, 8, 8, 16, 4, warm_up=1)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def recipe_row(backbone: str, precision: str, device, s: Sizes, host_cache=False
     recipe, bs = RECIPES["cifar10"][backbone], s.batch[backbone]
     opt = recipe["optimizer"](student.parameters(), lr=recipe["lr"], fused=device.type == "cuda")
     amp, scaler = autocast(device, precision), grad_scaler(device, precision)
-    n = bs * (WARM_UP + 2 * s.steps)
+    n = bs * (s.warm_up + 2 * s.steps)
     train = images(n, False, seed=1).to(device)
     order = torch.arange(n, device=device)
     aug = (prep.random_augment(n, torch.Generator().manual_seed(0)) if recipe["augment"] else prep.center(n))
@@ -166,7 +166,7 @@ def recipe_row(backbone: str, precision: str, device, s: Sizes, host_cache=False
                                      f"on {device.type}, {dtypes}"))
         steps = iter(batches(train, order, aug.to(device), bs, prep))
         student.train()
-        for _ in range(WARM_UP):
+        for _ in range(s.warm_up):
             train_step(kdad, opt, amp, scaler, *next(steps), cache)
         sync(device)
         t0 = time.perf_counter()
@@ -183,8 +183,8 @@ def recipe_row(backbone: str, precision: str, device, s: Sizes, host_cache=False
         notes.append("loss not finite")
     if scaler.is_enabled():  # the optimiser counts the steps it took; the scaler skips those that overflowed
         taken = int(opt.state[next(iter(student.parameters()))]["step"])
-        notes.append(f"loss scale 2^{int(np.log2(scaler.get_scale()))}, {WARM_UP + 2 * s.steps - taken} of "
-                     f"{WARM_UP + 2 * s.steps} steps skipped")
+        notes.append(f"loss scale 2^{int(np.log2(scaler.get_scale()))}, {s.warm_up + 2 * s.steps - taken} of "
+                     f"{s.warm_up + 2 * s.steps} steps skipped")
     del cache, steps, train
     row |= scoring(kdad, prep, amp, device, s, precision)
     row["peak_mib"] = max(mem["peak_mib"], row["peak_mib"])
@@ -271,11 +271,11 @@ def compile_row(device, s: Sizes, inductor: bool) -> dict:
     prep = Preprocess(s.image_size, t.cfg.mean, t.cfg.std, device)
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5, fused=device.type == "cuda")
     amp, scaler, bs = autocast(device, precision), grad_scaler(device, precision), s.batch["vit"]
-    n = bs * (WARM_UP + s.steps)
+    n = bs * (s.warm_up + s.steps)
     steps = iter(batches(images(n, False, 1).to(device), torch.arange(n, device=device),
                          prep.random_augment(n, torch.Generator().manual_seed(0)).to(device), bs, prep))
     t0 = time.perf_counter()
-    for _ in range(WARM_UP):
+    for _ in range(s.warm_up):
         train_step(kdad, opt, amp, scaler, *next(steps))
     sync(device)
     compile_s, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -284,7 +284,7 @@ def compile_row(device, s: Sizes, inductor: bool) -> dict:
     sync(device)
     return {"check": f"torch.compile ({backend})", "recipe": "vit", "precision": precision,
             "train": s.steps * bs / (time.perf_counter() - t0), "ok": bool(torch.isfinite(loss)),
-            "notes": f"first {WARM_UP} steps (compiling) {compile_s:.0f} s"}
+            "notes": f"first {s.warm_up} steps (compiling) {compile_s:.0f} s"}
 
 
 def torchrun_row(device, files, data, tmp: Path, s: Sizes) -> dict:
@@ -365,7 +365,8 @@ def print_rows(rows: list[dict], s: Sizes):
         print(f"| {r['check']} | {r.get('recipe', '-')} | {r.get('precision', '-')} | {f(r, 'train', '.1f')} | "
               f"{f(r, 'score', '.1f')} | {f(r, 'peak_mib', '.0f')} | {f(r, 'syncs', '.2f')} | {f(r, 'minutes', '.1f')} "
               f"| {ten} | {agree} | {'ok' if r.get('ok') else 'FAILED'} | {r.get('notes', '')} |")
-    print(f"\nTraining: batch {s.batch['vit']} (vit) / {s.batch['vgg']} (vgg), {s.steps} timed steps after {WARM_UP}; "
+    print(f"\nTraining: batch {s.batch['vit']} (vit) / {s.batch['vgg']} (vgg), {s.steps} timed steps after "
+          f"{s.warm_up}; "
           f"scoring {s.score_images} images at {s.eval_batch}; {s.image_size} px. Syncs: per train_step (the "
           f"training loop adds one every 10 steps for the progress bar and one every 50 for the NaN check). "
           f"Minutes: one CIFAR-10 class and ten, projected from these speeds"

@@ -265,6 +265,10 @@ def main(argv=None):
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:  # scoring halves its batch first: this is one image at a time
+        print("error: out of GPU memory even one image at a time: free the GPU (nvidia-smi shows what holds it), "
+              "or --device cpu", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: {e} (check the path, its permissions and the free space)", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from data import Preprocess
 from distill import KDAD, load_teacher, make_student, taps_for
 from helpers import image_folder, vgg16_file, vit_teacher_file
 from record import Run, Snapshots
+from vgg import VGG
 
 CPU = torch.device("cpu")
 
@@ -29,6 +30,14 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
             "vgg": vgg16_file(d / "vgg.safetensors")}
+
+
+def teacher_of(files, backbone):
+    """The ViT teacher file's network, or for VGG a thin VGG with VGG16's widths where KDAD taps (bench.py --check's
+    toy VGG): VGG16 itself is slow under the CPU's emulated bf16/fp16."""
+    if backbone == "vgg":
+        return VGG(devicecheck.TOY.vgg).requires_grad_(False).eval()
+    return load_teacher(files["vit"], "vit", 32)
 
 
 def argv_for(files, out, backbone="vit", *extra, cls="bee"):
@@ -162,7 +171,7 @@ def test_cache_holds_what_the_teacher_computes(files):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     for backbone, precision, dtype in (("vgg", "bf16", torch.bfloat16), ("vgg", "fp16", torch.float16),
                                        ("vit", "bf16", torch.float32), ("vit", "fp16", torch.float32)):
-        teacher = load_teacher(files[backbone], backbone, 32)
+        teacher = teacher_of(files, backbone)
         kdad = KDAD(teacher, make_student(backbone, teacher), taps_for(backbone, teacher))
         prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, CPU)
         amp = cli.autocast(CPU, precision)
@@ -214,9 +223,33 @@ def test_cache_placement_on_the_cpu():
     assert cache.placement(3 * GiB, [], 0, 4 * GiB, cuda=False) is None
 
 
+@pytest.mark.parametrize("host, expected", [(64 * GiB, "filled in host memory"), (0, None)])
+def test_cache_that_runs_out_of_gpu_memory_moves_to_the_host_or_gives_up(files, monkeypatch, capsys, host, expected):
+    """The fallback as a GPU run takes it, with the GPU faked: free memory says the cache fits there, filling it
+    runs out of memory; it then goes to host memory if there is room, else the teacher is recomputed."""
+    teacher = teacher_of(files, "vgg")
+    kdad = KDAD(teacher, make_student("vgg", teacher), taps_for("vgg", teacher))
+    prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, CPU)
+    tried = []
+
+    def fill(*args):
+        tried.append(args[-2])
+        if args[-2] == "device":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return "filled in host memory"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (16 * GiB, 16 * GiB))
+    monkeypatch.setattr(cache, "host_memory_available", lambda: host)
+    monkeypatch.setattr(cache, "fill", fill)
+    got = cache.feature_cache(kdad, torch.zeros(4, 3, 32, 32, dtype=torch.uint8), prep, cli.autocast(CPU, "fp32"), 2,
+                              torch.device("cuda"), 2)
+    assert got == expected and tried == (["device", "host"] if host else ["device"])
+    err = capsys.readouterr().err
+    assert "out of GPU memory while filling it; " + ("moving it to host memory" if host else "recomputing") in err
+
+
 def test_no_room_for_the_cache_recomputes_the_teacher(files, monkeypatch, capsys):
     monkeypatch.setattr(cache, "host_memory_available", lambda: 1000)
-    teacher = load_teacher(files["vgg"], "vgg", 32)
+    teacher = teacher_of(files, "vgg")
     kdad = KDAD(teacher, make_student("vgg", teacher), taps_for("vgg", teacher))
     prep = Preprocess(32, teacher.cfg.mean, teacher.cfg.std, CPU)
     images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
@@ -236,9 +269,10 @@ def test_torchrun_gpu_per_process(name, local_rank, count, expected):
     assert cli.torchrun_gpu(name, local_rank, count) == expected
 
 
-def test_torchrun_refuses_one_gpu_for_all_and_too_many_processes():
-    with pytest.raises(cli.RunError, match=r"--device cuda:1 under torchrun .*use --device cuda"):
-        cli.torchrun_gpu("cuda:1", 0, 4)
+@pytest.mark.parametrize("name", ["cuda:1", "cuda:0"])
+def test_torchrun_refuses_one_gpu_for_all_and_too_many_processes(name):
+    with pytest.raises(cli.RunError, match=rf"--device {name} under torchrun .*use --device cuda"):
+        cli.torchrun_gpu(name, 0, 4)
     with pytest.raises(cli.RunError, match=r"--nproc-per-node 2"):
         cli.torchrun_gpu("cuda", 2, 2)
 
@@ -308,7 +342,7 @@ def test_no_host_reads_in_a_training_step(files, tmp_path, backbone):
     Counted on the CPU the way bench.py --check counts them there (CUDA counts every sync itself)."""
     args = jobs.with_recipe(cli.train_args(argv_for(files, tmp_path, backbone)))
     args.seed = 0
-    teacher = load_teacher(files[backbone], backbone, 32)
+    teacher = teacher_of(files, backbone)
     student, kdad, prep, amp, scaler, opt, _ = train.build(args, teacher, CPU, "fp32")
     images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
     c = cache.feature_cache(kdad, images, prep, amp, 8, CPU, 8) if backbone == "vgg" else None

@@ -331,11 +331,9 @@ def set_numerics(precision: str, deterministic: bool = False):
       repeatable (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: call this before the first GPU matmul)."""
     import torch
     tf32 = precision != "fp32"
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = \
-            "tf32" if tf32 else "ieee"
-    else:  # before torch 2.9
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    # the allow_tf32 flags, not torch 2.9's fp32_precision ones: mixing the two makes torch refuse
+    # get_float32_matmul_precision(), which Inductor (--compile) calls
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:

@@ -88,11 +88,12 @@ def test_numerics_flags(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         cli.set_numerics("bf16")
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+        assert torch.get_float32_matmul_precision() == "high"  # Inductor asks this: it must answer
         assert not torch.are_deterministic_algorithms_enabled()
         cli.set_numerics("fp32", deterministic=True)
-        assert torch.backends.cudnn.conv.fp32_precision == "ieee"  # fp32 is IEEE fp32, convolutions included
-        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert not torch.backends.cudnn.allow_tf32  # fp32 is IEEE fp32, convolutions included
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark
         assert cli.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -33,6 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
 ## Messages: what a run leaves out or changes is said once, in one line with a bounded list of names.
 
 SHOWN = 5  # at most this many names in one printed line; the full lists go into config.json
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 
 
 def note(message: str):
@@ -122,8 +123,13 @@ def train_parser() -> OneLineParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast with fp32 weights, or fp32 (default: bf16 where the hardware has it)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast in bf16 or fp16 (with loss scaling) over fp32 weights, or fp32 throughout "
+                        "(default: bf16 on GPUs of compute capability 8.0+ and AVX-512 BF16 CPUs, fp16 on older "
+                        "GPUs such as T4 and V100, fp32 on other CPUs)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (slower on a GPU): the same command then gives the same weights "
+                        "run after run on the same GPU; the CPU is deterministic without it")
     g.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
     g.add_argument("--no-cache", action="store_true", help="recompute the teacher's features every epoch (vgg)")
     g.add_argument("--plain", action="store_true", help="the slow reference path (PIL per image, written-out "
@@ -171,7 +177,7 @@ def evaluate_parser() -> OneLineParser:
                    help="anomaly maps: student/teacher mismatch per location (default), or the paper's gradient "
                         "of the score with respect to the pixels, smoothed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="default: the run's own precision")
+    p.add_argument("--precision", choices=PRECISIONS[1:], help="default: the run's own precision")
     p.add_argument("--batch-size", type=int, default=256, help="scoring batch size (default: 256)")
     return p
 
@@ -205,6 +211,17 @@ def bench_args(argv=None) -> argparse.Namespace:
                    help="instead: project the wall time of the full ten-class table per recipe from measured speeds")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4, 8],
                    help="process counts for --table's projection (default: 1 2 4 8)")
+    p.add_argument("--grad-scale", action="store_true",
+                   help="instead: measure the ViT student's gradient magnitudes in fp32 and what fp16 would flush to "
+                        "zero at each loss scale (how train.py's fp16 loss-scaler settings were chosen)")
+    p.add_argument("--teacher", help="--grad-scale: a ViT teacher .safetensors (default: random ViT-B/16 weights)")
+    p.add_argument("--flops", action="store_true",
+                   help="instead: count the floating-point operations per image and per CIFAR-10 class of each recipe")
+    p.add_argument("--check", action="store_true",
+                   help="instead: check what the tests cannot (bf16/fp16 training, the cache on the device and in "
+                        "host memory, torchrun sharing one device, torch.compile, a repeated run) and print one "
+                        "table; recipe sizes on a GPU, toy sizes on the CPU")
+    p.add_argument("--skip", nargs="+", choices=["compile", "torchrun"], help="--check: leave these steps out")
     args = p.parse_args(argv)
     for name in ("batch_size", "steps", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -216,14 +233,12 @@ def bench_args(argv=None) -> argparse.Namespace:
 ## Device and precision, chosen once per process.
 
 def pick_device(name: str | None, local_rank: int | None = None):
-    """torch.device for --device: 'auto' (or None) is cuda when there is a GPU, else cpu. Under torchrun
-    (local_rank given) 'auto' and 'cuda' mean this process's own GPU, cuda:LOCAL_RANK. Raises RunError for a
+    """torch.device for --device: 'auto' (or None) is cuda when there is a GPU, else cpu. Under torchrun with
+    several processes (local_rank given) 'cuda' is this process's own GPU (torchrun_gpu). Raises RunError for a
     device this machine does not have."""
     import torch
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -232,33 +247,103 @@ def pick_device(name: str | None, local_rank: int | None = None):
         raise RunError(f"unknown device {name!r}: use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"--device {name} but this machine has no usable CUDA GPU: use --device cpu")
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device(torchrun_gpu(name, local_rank, torch.cuda.device_count()))
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise RunError(f"--device {name} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0 .. "
                        f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
-def bf16_supported(device) -> bool:
-    """Native bf16 only: CUDA compute capability 8.0+ (Ampere on), or a CPU with AVX-512 BF16. Older GPUs
-    (T4, V100) only emulate it, slower than fp32."""
-    import torch
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return device.type == "cpu" and bool(is_bf16())
+def torchrun_gpu(name: str, local_rank: int, count: int) -> str:
+    """The GPU of one of several torchrun processes that sees `count` GPUs: cuda:LOCAL_RANK, or cuda:0 where it
+    sees one (SLURM's --gpus-per-task shows each process its own GPU as cuda:0; on a one-GPU machine the processes
+    share it). RunError for --device cuda:N (every process would take GPU N) and for more processes than GPUs."""
+    if name != "cuda":
+        raise RunError(f"--device {name} under torchrun would put every process on that one GPU: use --device cuda "
+                       f"(or leave it out): each process then takes its own, cuda:LOCAL_RANK")
+    if count == 1:
+        return "cuda:0"
+    if local_rank >= count:
+        raise RunError(f"process {local_rank} of this machine has no GPU of its own ({count} GPUs here): start at "
+                       f"most {count} processes per machine (torchrun --nproc-per-node {count})")
+    return f"cuda:{local_rank}"
+
+
+def native_precision(kind: str, capability: tuple | None = None, cpu_bf16: bool = False) -> str:
+    """What `--precision auto` picks for a device of `kind` ('cuda' or 'cpu'): bf16 where the hardware computes it
+    natively (CUDA compute capability 8.0+, Ampere on; CPUs with AVX-512 BF16); fp16 on older CUDA GPUs (T4 7.5,
+    V100 7.0), which have fp16 tensor cores but only emulate bf16, slower than fp32; fp32 on other CPUs (bf16 and
+    fp16 are emulated there too)."""
+    if kind == "cuda":
+        return "bf16" if capability >= (8, 0) else "fp16"
+    return "bf16" if cpu_bf16 else "fp32"
+
+
+def choose_precision(name: str, kind: str, capability: tuple | None = None, cpu_bf16: bool = False) -> str:
+    """--precision for a device (see native_precision); RunError for bf16 on a GPU that only emulates it."""
+    native = native_precision(kind, capability, cpu_bf16)
+    if name == "auto":
+        return native
+    if name == "bf16" and kind == "cuda" and native != "bf16":
+        raise RunError(f"--precision bf16 on a GPU of compute capability {capability[0]}.{capability[1]} (below 8.0) "
+                       f"runs emulated, slower than fp32: use --precision fp16 (what auto picks there) or fp32")
+    return name
 
 
 def pick_precision(name: str, device) -> str:
-    """'auto' is bf16 where the hardware has it (CUDA, CPUs with AVX-512 BF16), else fp32."""
-    return ("bf16" if bf16_supported(device) else "fp32") if name == "auto" else name
+    """--precision for this device (choose_precision with what torch reports about it)."""
+    import torch
+    if device.type == "cuda":
+        return choose_precision(name, "cuda", torch.cuda.get_device_capability(device))
+    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return choose_precision(name, "cpu", cpu_bf16=bool(is_bf16()))
 
 
 def autocast(device, precision: str):
-    """A factory of autocast contexts: bf16 compute with fp32 master weights, or plain fp32."""
+    """A factory of autocast contexts: bf16 or fp16 compute with fp32 master weights, or plain fp32."""
     import torch
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+## fp16 loss scaling (torch.amp.GradScaler), chosen from `bench.py --grad-scale` (docs/speed.md, "fp16"). The loss
+## is a mean over batch x tokens x width elements, so the gradients reaching the students' layers are tiny: median
+## 2^-26 for the ViT recipe (batch 128, 224 px), 2^-21 for VGG (batch 64); unscaled, fp16 flushes 57% of the ViT's
+## to zero. 2^17 leaves none flushed (under 0.01%), and keeps the largest gradient measured (9.1e-2, VGG's first
+## step; DINOv2 ViT-S/14 5.7e-2) at 11,900, 5.5 times below fp16's 65,504. Growing it every 100 good steps instead
+## of PyTorch's 2,000 lets it grow three times in the ViT recipe's 352 steps, at most one skipped step each.
+GRAD_SCALE = {"init_scale": 2.0**17, "growth_interval": 100}
+
+
+def grad_scaler(device, precision: str):
+    """The loss scaler of a training run: active for fp16 only (bf16 has fp32's exponent range, fp32 needs none);
+    a disabled scaler passes scale/step/update straight through, so the training step reads the same."""
+    import torch
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16", **GRAD_SCALE)
+
+
+def set_numerics(precision: str, deterministic: bool = False):
+    """Process-wide numerics, set once per process (every flag, both ways, so nothing carries over):
+    - TF32 (Ampere+ GPUs) for what stays fp32 under bf16/fp16 autocast; IEEE fp32 under --precision fp32 (cuDNN's
+      convolutions otherwise default to TF32, so fp32 would not be fp32);
+    - cudnn.benchmark: the recipes' shapes are fixed, so timing the convolution algorithms once pays; off when
+      deterministic, since the fastest algorithm found can differ from run to run;
+    - deterministic: torch.use_deterministic_algorithms (warning, not failing, at an operation without a
+      deterministic kernel), cudnn.deterministic, and the cuBLAS workspace setting that makes its matmuls
+      repeatable (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: call this before the first GPU matmul)."""
+    import torch
+    tf32 = precision != "fp32"
+    # the allow_tf32 flags, not torch 2.9's fp32_precision ones: mixing the two makes torch refuse
+    # get_float32_matmul_precision(), which Inductor (--compile) calls
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -279,14 +364,15 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable, total: int, desc: str, interval: float = 30.0):
+def progress(iterable, total: int, desc: str, interval: float = 30.0, unit: str = "batch"):
     """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left). On a terminal the bar redraws
     in place and is cleared at the end; when stderr is not a terminal a line is written at most every `interval`
     seconds (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is
-    closed before any message that follows (a Ctrl-C or error line then starts on a line of its own)."""
+    closed before any message that follows (a Ctrl-C or error line then starts on a line of its own). With
+    iterable None the caller counts: bar.update(n)."""
     from tqdm import tqdm
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                    unit="batch")
+                    unit=unit)
     return tqdm(iterable, total=total, desc=desc, file=_Lines(sys.stderr), mininterval=interval, delay=interval,
-                ncols=100, ascii=True, unit="batch")
+                ncols=100, ascii=True, unit=unit)

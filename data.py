@@ -207,6 +207,9 @@ class Augment:
     def __getitem__(self, sl: slice) -> "Augment":
         return Augment(self.top[sl], self.left[sl], self.flip[sl])
 
+    def to(self, device) -> "Augment":
+        return Augment(self.top.to(device), self.left.to(device), self.flip.to(device))
+
 
 def center(n: int, image_size: int, crop_pct: float = CROP_PCT) -> Augment:
     off = int(round((resize_size(image_size, crop_pct) - image_size) / 2.0))  # torchvision's CenterCrop rounding
@@ -294,6 +297,6 @@ def batches(images: torch.Tensor, order: torch.Tensor, aug: Augment, batch_size:
         for i, x in zip(starts, loader, strict=True):
             yield order[i:i + batch_size], prep.layout(x.to(prep.mean.device))
         return
-    for i in starts:
-        idx = order[i:i + batch_size]  # stays on the CPU: a GPU would otherwise wait to hand it back for caches
+    for i in starts:  # order and aug on the images' device: no copy, so no wait, per batch (train.epoch_batches)
+        idx = order[i:i + batch_size]
         yield idx, prep(images[idx.to(images.device)], aug[i:i + batch_size])

@@ -135,12 +135,15 @@ class KDAD:
             teacher_feats = self.teacher_features(x, self.taps.train_teacher)
         return distillation_loss(tapped(self.student(x), self.taps.train_student), teacher_feats, self.lam)
 
-    def score(self, x, train_taps: bool = False) -> torch.Tensor:
+    def score(self, x, train_taps: bool = False, teacher_feats: list | None = None) -> torch.Tensor:
         """Per-image anomaly score (B,) float32 of a preprocessed batch x: the loss's formula, per image, over the
-        score taps; train_taps=True gives the per-image training loss instead."""
+        score taps; train_taps=True gives the per-image training loss instead (its teacher features may then come
+        from a cache: teacher_feats)."""
         t = self.taps
         s_idx, t_idx = (t.train_student, t.train_teacher) if train_taps else (t.score_student, t.score_teacher)
-        return anomaly_score(tapped(self.student(x), s_idx), self.teacher_features(x, t_idx), self.lam)
+        if teacher_feats is None:
+            teacher_feats = self.teacher_features(x, t_idx)
+        return anomaly_score(tapped(self.student(x), s_idx), teacher_feats, self.lam)
 
 
 

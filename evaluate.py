@@ -29,7 +29,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
-from cli import RunError, autocast, pick_device, progress
+from cli import RunError, autocast, note, pick_device, pick_precision, progress, set_numerics
 from data import CROP_PCT, DataError, Preprocess, batches
 from distill import KDAD, channels_last, load_teacher, make_student, place, taps_for
 from folders import open_source
@@ -43,29 +43,48 @@ from writes import os_error_line
 ## --------------------------------------------------------------------------------------------------------
 ## Scoring and AUROC.
 
+RECORDINGS = []  # lists that collect something per forward pass (knn.recorded): a retried batch is recorded once
+
+
 def over_images(fn, images, prep: Preprocess, amp, batch_size: int, desc: str, plain=False) -> list:
-    """fn(x) for each preprocessed, center-cropped batch x of uint8 images (N, 3, h, w), in order, under the
-    precision's autocast, with a progress bar; returns the results as a list, one per batch."""
-    out = []
-    n = (len(images) + batch_size - 1) // batch_size
-    with progress(batches(images, torch.arange(len(images)), prep.center(len(images)), batch_size, prep, plain), n,
-                  desc) as bar:
-        for _, x in bar:
-            with amp():
-                out.append(fn(x))
+    """fn(idx, x) for each preprocessed, center-cropped batch x of uint8 images (N, 3, h, w) (idx: the batch's
+    image indices, on the images' device), in order, under the precision's autocast, with a progress bar; returns
+    the results as a list, one per batch. When a GPU runs out of memory, the batch size is halved and the batch
+    run again, with a note; at one image per batch the error is raised."""
+    out, done, n = [], 0, len(images)
+    order, center = torch.arange(n, device=images.device), prep.center(n).to(images.device)  # no copy per batch
+    with progress(None, n, desc, unit="img") as bar:
+        while done < n:
+            marks = [len(r) for r in RECORDINGS]
+            try:
+                for idx, x in batches(images, order[done:], center[done:], batch_size, prep, plain):
+                    with amp():
+                        out.append(fn(idx, x))
+                    done += len(idx)
+                    bar.update(len(idx))
+                    marks = [len(r) for r in RECORDINGS]
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                for r, m in zip(RECORDINGS, marks, strict=True):
+                    del r[m:]
+                batch_size //= 2
+                note(f"out of GPU memory while {desc}: going on with {batch_size} images at a time "
+                     f"(--eval-batch-size {batch_size} starts there)")
     return out
 
 
 @torch.inference_mode()
-
-@torch.inference_mode()
-def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, train_taps=False, plain=False):
+def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, train_taps=False, plain=False,
+                 cache=None):
     """Per-image anomaly scores (N,) float32 on the CPU of uint8 images (N, 3, h, w), center-cropped, teacher and
-    student in one pass per batch (KDAD.score); train_taps=True gives the per-image training loss instead."""
+    student in one pass per batch (KDAD.score); train_taps=True gives the per-image training loss instead, with
+    the teacher's features read from `cache` (cache.FeatureCache of these images) when given. The scores stay on
+    the device until the last batch (one wait at the end, not one per batch)."""
     kdad.student.eval()
-    parts = over_images(lambda x: kdad.score(x, train_taps).float().cpu(), images, prep, amp, batch_size, "scoring",
-                        plain)
-    return torch.cat(parts) if parts else torch.zeros(0)
+    parts = over_images(lambda idx, x: kdad.score(x, train_taps, cache.features(idx) if cache else None).float(),
+                        images, prep, amp, batch_size, "scoring", plain)
+    return torch.cat(parts).cpu() if parts else torch.zeros(0)
 
 
 class NonFinite(ValueError):
@@ -104,7 +123,8 @@ def anomaly_maps(kdad: KDAD, images, prep: Preprocess, amp, kind: str, batch_siz
     """(N, S, S) float32 CPU anomaly maps of uint8 images (N, 3, h, w), center-cropped, of kind 'mismatch' or
     'gradient' (KDAD.map); the gradient needs a backward pass per batch, hence the small default batch."""
     kdad.student.eval()
-    return torch.cat(over_images(lambda x: kdad.map(x, kind).cpu(), images, prep, amp, batch_size, f"{kind} maps"))
+    return torch.cat(over_images(lambda _, x: kdad.map(x, kind).cpu(), images, prep, amp, batch_size,
+                                 f"{kind} maps"))
 
 
 def pixel_auroc(maps, masks) -> float | None:
@@ -220,7 +240,23 @@ def load_run(run_dir, device, precision=None):
                        f"{data.class_name!r}, was {s['class_name']!r}")
     prep = Preprocess(s["image_size"], teacher.cfg.mean, teacher.cfg.std, device, channels_last(s["backbone"]),
                       crop_pct)
-    return cfg, kdad, data, prep, autocast(device, precision or s["precision"])
+    precision = scoring_precision(precision, s["precision"], device)
+    set_numerics(precision)
+    return cfg, kdad, data, prep, autocast(device, precision)
+
+
+def scoring_precision(asked: str | None, trained: str, device) -> str:
+    """--precision if given (checked against the device), else the run's own; a run trained in bf16 is scored in
+    what --precision auto picks on a GPU that only emulates bf16, with a note."""
+    if asked:
+        return pick_precision(asked, device)
+    try:
+        return pick_precision(trained, device)
+    except RunError:
+        chosen = pick_precision("auto", device)
+        note(f"the run trained in {trained}, which this GPU only emulates: scoring in {chosen} (scores can differ in "
+             f"the last digits)")
+        return chosen
 
 
 def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) -> dict:
@@ -272,6 +308,10 @@ def main(argv=None):
         return max(codes, default=0)
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:  # scoring halves its batch first: this is one image at a time
+        print("error: out of GPU memory even one image at a time: free the GPU (nvidia-smi shows what holds it), "
+              "or --device cpu", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk or a read-only folder for the plots or the table: what, where, free space
         print(f"error: {os_error_line(e)}", file=sys.stderr)

@@ -2,7 +2,13 @@
 teacher and the data of a process; each job's run folder; and one line and an exit code for whatever goes wrong.
 
 `python train.py ...` lands in main() here (train.main); train.py itself holds the recipes and the loop. Exit codes:
-0 done, 2 bad input or a failed job (the message says which and what to do), 3 a diverged run, 130 Ctrl-C.
+0 done, 2 bad input, a GPU out of memory or a failed job (the message says which and what to do), 3 a diverged run,
+130 Ctrl-C.
+
+Under torchrun the processes talk over gloo, only to hand out jobs and collect what they did: the start-up steps
+(each machine's first process fetches the teacher and the data, then the others read them) time out after
+KDAD_DIST_TIMEOUT minutes (default 30), so a process that hangs there shows; the wait at the end for the slowest
+process's jobs is not limited by it (processes legitimately finish hours apart).
 """
 import os
 import sys
@@ -17,7 +23,7 @@ import torch
 
 import cli
 from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
-from cli import RunError, pick_device, pick_precision
+from cli import RunError, note, pick_device, pick_precision, set_numerics
 from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
 from folders import class_index, open_source
@@ -222,12 +228,25 @@ def distributed() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def gather(obj, world: int) -> list:
+def dist_timeout() -> timedelta:
+    """How long a torchrun process waits for the others at start-up: KDAD_DIST_TIMEOUT minutes (default 30)."""
+    value = os.environ.get("KDAD_DIST_TIMEOUT", "30")
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1
+    if minutes <= 0:
+        raise RunError(f"KDAD_DIST_TIMEOUT={value!r}: give the minutes torchrun's processes wait for each other at "
+                       f"start-up as a positive number (default 30)")
+    return timedelta(minutes=minutes)
+
+
+def gather(obj, world: int, group=None) -> list:
     """Every process's `obj`, in rank order (a list of one without torchrun)."""
     if world == 1:
         return [obj]
     out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -241,8 +260,7 @@ def setup(args, local_rank: int, world: int):
             try:
                 device = pick_device(args.device, local_rank if world > 1 else None)
                 precision = pick_precision(args.precision, device)
-                if precision == "bf16":  # fp32 stays fp32; with bf16 autocast, let the rest of fp32 use TF32
-                    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                set_numerics(precision, args.deterministic)  # TF32 only under autocast, cudnn.benchmark, ...
                 teacher, info = prepare_teacher(args, device)
                 source = open_source(args.data_dir, args.data_root, args.image_size, args.crop_pct, args.dataset)
                 prepared = (device, precision, teacher, info, source)
@@ -258,9 +276,11 @@ def setup(args, local_rank: int, world: int):
     return prepared
 
 
-def run_jobs(args, rank: int, world: int, local_rank: int) -> int:
+def run_jobs(args, rank: int, world: int, local_rank: int, final=None) -> int:
     """Every job of this command; this process takes jobs rank, rank + world, ... With more than one job, a job
-    that fails is reported and the others go on; the table covers the finished runs and names the failed ones."""
+    that fails is reported and the others go on; the table covers the finished runs and names the failed ones.
+    Under torchrun the first process gathers every process's finished runs (their results and config, over the
+    `final` process group), so the table covers runs on other machines without a shared file system too."""
     device, precision, teacher, info, source = setup(args, local_rank, world)
     print(f"device: {device}, precision: {precision}" + (f", process {rank + 1}/{world}" if world > 1 else ""))
     jobs, table = plan(args, source, info)
@@ -278,17 +298,43 @@ def run_jobs(args, rank: int, world: int, local_rank: int) -> int:
                 raise
             failed.append(f"{job.run}: {job_error(e, job.run)}")
             print(f"error: job {failed[-1]}; the other jobs go on", file=sys.stderr)
-    failed = [f for part in gather(failed, world) for f in part]
+    if world > 1:
+        print(f"process {rank + 1}/{world}: its jobs are done; waiting for the other processes"
+              + ("" if rank else " (then this one writes the table)"))
+    finished = [finished_run(job.run) for job in mine if world > 1 and (job.run / "results.json").is_file()]
+    parts = gather((failed, finished), world, final)
+    failed = [f for part, _ in parts for f in part]
     if table is not None and rank == 0:
-        finished = [job.run for job in jobs if (job.run / "results.json").is_file()]
-        if finished:
-            print(write_table(finished, table))
+        print_table(jobs, [r for _, part in parts for r in part], failed, table)
         for f in failed:
             print(f"failed: {f}")
         if failed:
             print(f"{len(failed)} of {len(jobs)} jobs failed; after fixing the cause, the same command with --resume "
                   f"does only what is missing")
     return 2 if failed else 0
+
+
+def finished_run(run: Path) -> dict:
+    return {"run": str(run), "config": read_json(run / "config.json"), "results": read_json(run / "results.json")}
+
+
+def print_table(jobs: list[Job], finished: list[dict], failed: list[str], table: Path):
+    """The table of every finished job: from its folder where this machine sees it, else from what its process
+    sent (finished_run); jobs neither finished nor failed are named."""
+    here = [job.run for job in jobs if (job.run / "results.json").is_file()]
+    seen = {str(run) for run in here}
+    elsewhere = [(r["config"], r["results"], r["run"]) for r in finished if r["run"] not in seen]
+    if elsewhere:
+        note(f"{len(elsewhere)} of the runs in the table finished on another machine; their folders are there: "
+             f"{cli.named(name for _, _, name in elsewhere)}")
+    sent = seen | {r["run"] for r in finished}
+    unseen = [job.run for job in jobs if str(job.run) not in sent and not any(f.startswith(f"{job.run}:")
+                                                                              for f in failed)]
+    if unseen:
+        note(f"the table leaves out {cli.counted(len(unseen), 'job', 'jobs')} no process reported: "
+             f"{cli.named(unseen)}")
+    if here or elsewhere:
+        print(write_table(here, table, elsewhere))
 
 
 def job_error(e: Exception, run: Path) -> str:
@@ -299,6 +345,8 @@ def job_error(e: Exception, run: Path) -> str:
         return os_error_line(e)
     if isinstance(e, USER_ERRORS):
         return str(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        return out_of_memory_line()
     try:
         write_text(run / "error.txt", "".join(traceback.format_exception(e)))
         return f"{type(e).__name__}: {e} (traceback in {run / 'error.txt'})"
@@ -306,13 +354,25 @@ def job_error(e: Exception, run: Path) -> str:
         return f"{type(e).__name__}: {e}"
 
 
+def out_of_memory_line() -> str:
+    """An out-of-memory error no step handled itself (training and scoring do: steps.out_of_memory,
+    evaluate.over_images), in one line."""
+    return ("out of GPU memory: lower --batch-size (training) or --eval-batch-size (scoring, the feature cache), or "
+            "add --no-cache; other processes on the GPU (nvidia-smi) take memory too")
+
+
 def main(argv=None) -> int:
     args = with_recipe(cli.train_args(argv))
     rank, world, local_rank = distributed()
-    if world > 1:  # gloo only hands out the job list and gathers failures: the jobs themselves share nothing
-        torch.distributed.init_process_group("gloo", timeout=timedelta(days=30))
+    final = None
     try:
-        return run_jobs(args, rank, world, local_rank)
+        if world > 1:  # gloo only hands out the job list and gathers results: the jobs themselves share nothing
+            torch.distributed.init_process_group("gloo", timeout=dist_timeout())
+            final = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=30))  # the wait at the end
+        return run_jobs(args, rank, world, local_rank, final)
+    except torch.OutOfMemoryError:
+        print(f"error: {out_of_memory_line()}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -328,5 +388,5 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if world > 1:
+        if world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from evaluate import auroc, finite, over_images
+from evaluate import RECORDINGS, auroc, finite, over_images
 
 
 def image_embedding(teacher, last: torch.Tensor) -> torch.Tensor:
@@ -45,13 +45,16 @@ def feature_name(backbone: str, teacher) -> str:
 @contextmanager
 def recorded(kdad):
     """While inside, every forward pass of kdad's teacher also appends its image_embedding (B, D) to the list
-    yielded, in call order, on the teacher's device: the baseline's features from the passes scoring makes anyway."""
+    yielded, in call order, on the teacher's device: the baseline's features from the passes scoring makes anyway.
+    (A batch that scoring runs again after running out of GPU memory is recorded once: evaluate.RECORDINGS.)"""
     features = []
     hook = kdad.teacher.register_forward_hook(lambda m, _, out: features.append(image_embedding(m, out[-1].detach())))
+    RECORDINGS.append(features)
     try:
         yield features
     finally:
         hook.remove()
+        RECORDINGS.remove(features)
 
 
 def knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
@@ -72,7 +75,7 @@ def knn_scores(bank: torch.Tensor, queries: torch.Tensor, k: int, chunk: int = 4
 @torch.inference_mode()
 def teacher_embeddings(kdad, images, prep, amp, batch_size=256, plain=False) -> torch.Tensor:
     """(N, D) float32 teacher image features of uint8 images, center-cropped: a teacher-only pass."""
-    return torch.cat(over_images(lambda x: image_embedding(kdad.teacher, kdad.teacher(x)[-1]), images, prep, amp,
+    return torch.cat(over_images(lambda _, x: image_embedding(kdad.teacher, kdad.teacher(x)[-1]), images, prep, amp,
                                  batch_size, "teacher features", plain))
 
 
@@ -81,7 +84,7 @@ def training_bank(kdad, data, prep, amp, batch_size, cache=None, plain=False) ->
     the teacher's last output), else from one teacher-only pass."""
     if cache is None:
         return teacher_embeddings(kdad, data.train, prep, amp, batch_size, plain)
-    last = cache[-1]
+    last = cache.tensors[-1]
     return torch.cat([image_embedding(kdad.teacher, last[i:i + batch_size].float())
                       for i in range(0, len(last), batch_size)])
 

@@ -412,11 +412,11 @@ def fresh_epoch() -> dict:
 
 
 class Snapshots:
-    """The resumable state in run/state.pt: weights, optimiser, schedule, position, RNG, history."""
+    """The resumable state in run/state.pt: weights, optimiser, schedule, fp16 loss scale, position, RNG, history."""
 
-    def __init__(self, run: Run, student, opt, sched, device):
+    def __init__(self, run: Run, student, opt, sched, scaler, device):
         self.run, self.path = run, run.path / "state.pt"
-        self.student, self.opt, self.sched, self.device = student, opt, sched, device
+        self.student, self.opt, self.sched, self.scaler, self.device = student, opt, sched, scaler, device
         self.state = {"epoch": 0, "partial": fresh_epoch(), "history": [], "best": None, "rng": None}
 
     def resume(self, epochs: int):
@@ -434,6 +434,8 @@ class Snapshots:
             self.student.load_state_dict(saved["student"])
             self.opt.load_state_dict(saved["optimizer"])
             self.sched.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):  # fp16 runs: the loss scale and its count of good steps
+                self.scaler.load_state_dict(saved["scaler"])
             self.state = {k: saved[k] for k in self.state}
         except Exception as e:  # not written by this code: a finished state.pt is never half-written
             raise RunError(f"{self.path} is unreadable ({type(e).__name__}): use --overwrite to start again") from None
@@ -444,7 +446,7 @@ class Snapshots:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         self.state |= {"epoch": epoch, "partial": partial, "rng": rng}
         state = self.state | {"student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
-                              "scheduler": self.sched.state_dict()}
+                              "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
         write_atomically(self.path, lambda tmp: torch.save(state, tmp))
 
     def end_epoch(self, epoch: int, record: dict):
@@ -475,8 +477,7 @@ class Snapshots:
         if self.path.exists():
             e, step = self.state["epoch"], self.state["partial"]["step"]
             where = f"epoch {e + 1}, step {step}" if step else f"end of epoch {e}"
-            return f"the last good state ({where}) is kept in {self.path} (resumed with the same settings, it would " \
-                   f"diverge again)"
+            return f"the last good state ({where}) is kept in {self.path}"
         return "nothing was saved yet"
 
 

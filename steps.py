@@ -7,7 +7,8 @@ check for a diverged (NaN/inf) loss. train.train_epoch iterates over an EpochSte
             steps.log(train_step(...))                 # the loss, still on the device
         steps.summary()                                # {"loss", "images", "seconds", "images_per_s"}
 
-Stop is raised with one line saying what happened and what was kept (record.Snapshots.kept).
+Stop is raised with one line saying what happened and what was kept (record.Snapshots.kept); a GPU running out of
+memory while training becomes one line too (out_of_memory).
 """
 import signal
 import time
@@ -15,7 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from cli import progress
+from cli import RunError, progress
+from evaluate import NonFinite
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check waits for the device once)
 SHOW_EVERY = 10   # steps between updates of the progress bar's loss (each one waits for the device too)
@@ -48,6 +50,33 @@ def interruptible():
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def stops_if_non_finite(when: str, kept: str):
+    """Inside, evaluate.NonFinite (NaN/inf in a loss, scores, maps or features) becomes Stop: what, `when`, the
+    advice for a diverged student, and what was `kept`."""
+    try:
+        yield
+    except NonFinite as e:
+        raise Stop(f"{e} {when} ({DIVERGED}); {kept}") from None
+
+
+@contextmanager
+def out_of_memory(args, snaps, cache=None):
+    """Inside, a CUDA out-of-memory error becomes a RunError of one line: the flag to lower and what was kept.
+    (Scoring lowers its own batch size instead: evaluate.over_images.)"""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        pass
+    else:
+        return
+    fix = f"lower --batch-size (now {args.batch_size}; a run with another batch size needs --overwrite or another " \
+          f"--out)"
+    if cache is not None and not cache.on_host:
+        fix += f", or add --no-cache (the teacher-feature cache holds {cache.nbytes / 2**30:.1f} GiB of the GPU)"
+    raise RunError(f"out of GPU memory while training: {fix}; {snaps.kept(False)}")
 
 
 class EpochSteps:

@@ -143,18 +143,22 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def tables(paths) -> list[dict]:
-    """One table per group of comparable runs among the finished runs in `paths` (see record.run_folders): each
+def tables(paths, records=()) -> list[dict]:
+    """One table per group of comparable runs among the finished runs in `paths` (see record.run_folders) and
+    `records`, (config, results, name) of runs whose folders are elsewhere (other machines under torchrun): each
     {"title", "rows", "markdown", "published_label"}. Unfinished runs are named on stderr and left out."""
     groups = {}
-    for run in run_folders(paths):
+    for cfg, results, name in records:
+        groups.setdefault(comparable(cfg), []).append((cfg, results, name))
+    for run in run_folders(paths) if paths else []:
         if not (run / "results.json").is_file():
             print(f"note: {run} is unfinished (no results.json): left out of the table", file=sys.stderr)
             continue
         cfg = read_run_config(run)
         groups.setdefault(comparable(cfg), []).append((cfg, read_json(run / "results.json"), run))
     if not groups:
-        raise RunError(f"no finished run in {', '.join(map(str, paths))} (no results.json): nothing to tabulate")
+        raise RunError(f"no finished run in {', '.join(map(str, paths)) or 'these jobs'} (no results.json): nothing "
+                       f"to tabulate")
     out = []
     for runs in groups.values():
         seen = {}
@@ -184,10 +188,11 @@ def table_prefix(paths) -> Path:
     return common / "table"
 
 
-def write_table(paths, out_prefix=None) -> str:
-    """Write the tables as one .md and one .csv (and, with matplotlib, one bar chart per group) at out_prefix
-    (default: table_prefix); returns the text to print, the paths written included."""
-    groups = tables(paths)
+def write_table(paths, out_prefix=None, records=()) -> str:
+    """Write the tables of the runs in `paths` and `records` (see tables) as one .md and one .csv (and, with
+    matplotlib, one bar chart per group) at out_prefix (default: table_prefix); returns the text to print, the
+    paths written included."""
+    groups = tables(paths, records)
     out = Path(out_prefix) if out_prefix else table_prefix(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out.with_suffix(".md"), out.with_suffix(".csv")]

@@ -29,12 +29,12 @@ import torch
 import knn
 from cache import feature_cache
 from checkpoint import save_tensors
-from cli import autocast
-from data import CROP_PCT, Preprocess, batches
+from cli import autocast, grad_scaler
+from data import CROP_PCT, NORMAL, Preprocess, batches
 from distill import KDAD, channels_last, make_student, place, taps_for
-from evaluate import NonFinite, auroc, finite, load_student, localisation, score_images
+from evaluate import auroc, finite, load_student, localisation, score_images
 from record import Run, Snapshots
-from steps import DIVERGED, EpochSteps, Stop, interruptible
+from steps import EpochSteps, interruptible, out_of_memory, stops_if_non_finite
 from vit import set_fused_attn
 
 ## The recipes, per data set and backbone. On CIFAR-10 (and any image folder laid out like it) the VGG one is the
@@ -76,25 +76,28 @@ RECIPES = {
 ## --------------------------------------------------------------------------------------------------------
 ## One step, one epoch.
 
-def train_step(kdad: KDAD, opt, amp, idx, x, cache=None) -> torch.Tensor:
-    """One optimiser step on a preprocessed batch x (B, 3, S, S) of training images idx; with a feature cache the
-    teacher's features of those images are read from it instead of computed. Returns the loss, still on the device
-    (no .item(): a GPU would wait at every step)."""
+def train_step(kdad: KDAD, opt, amp, scaler, idx, x, cache=None) -> torch.Tensor:
+    """One optimiser step on a preprocessed batch x (B, 3, S, S) of training images idx (on the device); with a
+    feature cache the teacher's features of those images are read from it instead of computed. Under fp16 the
+    scaler multiplies the loss before backward so that small gradients do not flush to zero, and divides them
+    again before the step (cli.grad_scaler; for bf16 and fp32 it passes everything through). Returns the loss,
+    still on the device (no .item(): a GPU would wait at every step)."""
     with amp():
-        teacher_feats = [c[idx.to(c.device)].to(x.device, non_blocking=True) for c in cache] if cache else None
+        teacher_feats = cache.features(idx) if cache else None
         loss = kdad.loss(x, teacher_feats)  # distill.distillation_loss over the training taps
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # skipped when a scaled gradient overflowed (inf/NaN)
+    scaler.update()   # then a smaller scale; a larger one after a run of good steps
     return loss.detach()
 
 
-def train_epoch(kdad: KDAD, opt, amp, steps: EpochSteps, cache=None):
+def train_epoch(kdad: KDAD, opt, amp, scaler, steps: EpochSteps, cache=None):
     """One pass over the training images. `steps` yields (image indices, preprocessed batch) and looks after
     resuming, Ctrl-C, the NaN check and the progress bar (steps.py); `cache` holds the teacher's features."""
     kdad.student.train()
     for idx, x in steps:
-        steps.log(train_step(kdad, opt, amp, idx, x, cache))
+        steps.log(train_step(kdad, opt, amp, scaler, idx, x, cache))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -106,19 +109,21 @@ def epoch_batches(args, data, prep: Preprocess, epoch: int, first_step: int = 0)
     """The epoch's batches: the training images shuffled and (ViT recipe) randomly cropped and flipped, drawn from
     (seed, epoch); a resumed epoch starts at batch `first_step`."""
     g = torch.Generator().manual_seed(epoch_seed(args.seed, epoch))
-    n = len(data.train)
-    order = torch.randperm(n, generator=g)
-    aug = prep.random_augment(n, g) if args.augment else prep.center(n)
+    n, device = len(data.train), data.train.device
+    order = torch.randperm(n, generator=g).to(device)  # drawn on the CPU, moved once: no copy per step
+    aug = (prep.random_augment(n, g) if args.augment else prep.center(n)).to(device)
     skip = first_step * args.batch_size
     return batches(data.train, order[skip:], aug[skip:], args.batch_size, prep, args.plain)
 
 
-def validate(args, kdad: KDAD, data, prep: Preprocess, amp) -> dict:
-    """End-of-epoch figures: the loss on held-out normal images (no labels needed), and, only for
-    --select val-auroc, the validation AUROC (which uses the validation images' anomaly labels)."""
-    normal = data.val[data.val_labels == 0]
-    loss = score_images(kdad, normal, prep, amp, args.eval_batch_size, train_taps=True, plain=args.plain)
-    out = {"val_normal_loss": finite(loss, "validation loss").mean().item()}  # NonFinite: a diverged student
+def validate(args, kdad: KDAD, data, prep: Preprocess, amp, val_cache=None) -> dict:
+    """End-of-epoch figures: the loss on held-out normal images (no labels needed; their teacher features from
+    val_cache when there is one), and, only for --select val-auroc, the validation AUROC (which uses the
+    validation images' anomaly labels). Raises evaluate.NonFinite for a diverged student."""
+    normal = data.val[data.val_labels == NORMAL]
+    loss = score_images(kdad, normal, prep, amp, args.eval_batch_size, train_taps=True, plain=args.plain,
+                        cache=val_cache)
+    out = {"val_normal_loss": finite(loss, "validation loss").mean().item()}
     if args.select == "val-auroc":
         scores = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
         out["val_auroc"] = auroc(scores, data.val_labels.cpu(), "validation scores")
@@ -129,7 +134,7 @@ def validate(args, kdad: KDAD, data, prep: Preprocess, amp) -> dict:
 ## The fit: every epoch, then the final scoring.
 
 def build(args, teacher, device, precision):
-    """Student, KDAD wrapper, preprocessing, autocast, optimiser and schedule of a new run."""
+    """Student, KDAD wrapper, preprocessing, autocast, loss scaler, optimiser and schedule of a new run."""
     torch.manual_seed(args.seed)
     student = place(make_student(args.backbone, teacher), device, args.backbone)
     for model in (teacher, student):  # the plain path runs the written-out attention (no effect on VGG)
@@ -139,44 +144,44 @@ def build(args, teacher, device, precision):
         kdad.teacher, kdad.student = torch.compile(teacher), torch.compile(student)
     prep = Preprocess(args.image_size, teacher.cfg.mean, teacher.cfg.std, device, channels_last(args.backbone),
                       args.crop_pct)
-    opt = args.optimizer(student.parameters(), lr=args.lr)
+    # fused on a GPU: one kernel for the whole update, and the fp16 scaler's overflow check stays on the GPU
+    opt = args.optimizer(student.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, args.gamma)
-    return student, kdad, prep, autocast(device, precision), opt, sched
+    return student, kdad, prep, autocast(device, precision), grad_scaler(device, precision), opt, sched
 
 
 def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
     """Train for args.epochs (continuing run/state.pt if `resume`), then score once (finish); returns the figures
     for results.json. steps.Stop is raised, saying what was kept, on Ctrl-C or non-finite values (the training or
-    validation loss, the scores, maps or kNN features: evaluate.NonFinite)."""
-    student, kdad, prep, amp, opt, sched = build(args, teacher, device, precision)
-    snaps = Snapshots(run, student, opt, sched, device)  # state.pt: weights, optimiser, position, RNG (record.py)
+    validation loss, the scores, maps or kNN features)."""
+    student, kdad, prep, amp, scaler, opt, sched = build(args, teacher, device, precision)
+    snaps = Snapshots(run, student, opt, sched, scaler, device)  # state.pt: weights, optimiser, position, RNG
     if resume:
         snaps.resume(args.epochs)
-    cache = None  # the VGG recipe has no augmentation: the frozen teacher's features are computed once
+    cache = val_cache = None  # no augmentation (VGG recipes): the frozen teacher's features are computed once
     if not (args.augment or args.no_cache or args.plain):
-        cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, precision)
-    with interruptible() as stop:
+        cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, args.batch_size)
+        val_cache = feature_cache(kdad, data.val[data.val_labels == NORMAL], prep, amp, args.eval_batch_size,
+                                  device, args.eval_batch_size, "validation")
+    with interruptible() as stop, out_of_memory(args, snaps, cache):
         for epoch in range(snaps.state["epoch"], args.epochs):
             snaps.restore_rng(epoch_seed(args.seed, epoch) + 50_000)  # dropout draws the same numbers when resumed
             first = snaps.state["partial"]["step"]
             steps = EpochSteps(epoch_batches(args, data, prep, epoch, first), len(data.train), args, epoch, snaps,
                                stop)
-            train_epoch(kdad, opt, amp, steps, cache)
-            try:
-                record = steps.summary() | {"lr": opt.param_groups[0]["lr"]} | validate(args, kdad, data, prep, amp)
-            except NonFinite as e:  # the epoch's student is not kept
-                raise Stop(f"{e} at epoch {epoch + 1} ({DIVERGED}); {snaps.kept(False)}") from None
+            train_epoch(kdad, opt, amp, scaler, steps, cache)
+            with stops_if_non_finite(f"at epoch {epoch + 1}", snaps.kept(False)):  # the epoch is not kept
+                record = steps.summary() | {"lr": opt.param_groups[0]["lr"]} | validate(args, kdad, data, prep, amp,
+                                                                                       val_cache)
             sched.step()
             snaps.end_epoch(epoch + 1, record)  # log.jsonl and state.pt; best.safetensors for --select val-auroc
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {record['loss']:.4f}  val-normal-loss "
                   f"{record['val_normal_loss']:.4f}  {record['images_per_s']:7.1f} img/s"
                   + (f"  val-auroc {record['val_auroc']:.4f}" if "val_auroc" in record else ""))
             stop.after_epoch(epoch + 1, snaps)
-    try:
+    with stops_if_non_finite("in the final scoring", f"the trained state is kept in {snaps.path}, no "
+                             f"student.safetensors or results.json written"):
         return finish(args, kdad, student, data, prep, amp, run, snaps.state, cache)
-    except NonFinite as e:  # scores, maps or features of the final scoring
-        raise Stop(f"{e} in the final scoring ({DIVERGED}); the trained state is kept in {snaps.path}, no "
-                   f"student.safetensors or results.json written") from None
 
 
 def finish(args, kdad: KDAD, student, data, prep: Preprocess, amp, run: Run, state: dict, cache=None) -> dict:

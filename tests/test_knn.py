@@ -65,9 +65,10 @@ def files(tmp_path_factory):
 
 
 def run(files, out, backbone, *extra):
+    """Pinned to the CPU: cached and recomputed teacher features are bitwise equal there (test below)."""
     return train.main(["--backbone", backbone, "--cls", "bee", "--teacher", files[backbone], "--data-dir",
-                       files["data"], "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--out", str(out),
-                       *extra])
+                       files["data"], "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                       "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("backbone", ["vit", "vgg"])

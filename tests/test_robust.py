@@ -36,9 +36,11 @@ def files(tmp_path_factory):
 
 
 def argv_for(files, out, backbone="vit", *extra, teacher=None, data=None, cls="bee"):
+    """Pinned to the CPU, where an interrupted and resumed run ends bitwise equal to an uninterrupted one (on a GPU
+    that needs --deterministic: tests/test_devices.py)."""
     return ["--backbone", backbone, "--cls", cls, "--teacher", str(teacher or files[backbone]),
             "--data-dir", str(data or files["data"]), "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-            "--out", str(out), *extra]
+            "--device", "cpu", "--out", str(out), *extra]
 
 
 def cli(argv, main=train.main) -> int:
@@ -280,9 +282,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, ca
     out = tmp_path / "r"
     real, count = train.train_step, {"n": 0}
 
-    def step(kdad, opt, amp, idx, x, cache=None):
+    def step(kdad, opt, amp, scaler, idx, x, cache=None):
         count["n"] += 1
-        loss = real(kdad, opt, amp, idx, x, cache)
+        loss = real(kdad, opt, amp, scaler, idx, x, cache)
         return loss * float("nan") if count["n"] >= 9 else loss  # epoch 2 (7 steps per epoch), step 2
     monkeypatch.setattr(train, "train_step", step)
     fails(capsys, argv_for(files, out, "vit", "--epochs", "3", "--batch-size", "4"),

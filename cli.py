@@ -113,9 +113,9 @@ def train_parser() -> OneLineParser:
     g.add_argument("--knn-k", type=int, default=2,
                    help="neighbours of the teacher-alone kNN baseline scored beside KDAD (default: 2; 0 skips it)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus the image "
-                                 "size, limit and epochs where they are not the recipe's; with several seeds, "
-                                 "OUT/s<seed>)")
+    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus every "
+                                 "setting that changes the result and is not the recipe's, e.g. -32px-limit300-1ep-"
+                                 "batch16; with several seeds, OUT/s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")

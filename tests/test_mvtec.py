@@ -188,6 +188,17 @@ def test_layout_problems_are_one_line(tmp_path):
         data.one_class_data(source, "bottle")
 
 
+def test_a_category_read_as_an_image_folder_says_its_masks_are_not_read(tmp_path, capsys):
+    root, _ = mvtec_folder(tmp_path / "mvtec", categories=("bottle",), n_train=10, defects=("hole",), n_defect=1)
+    source = folders.open_source(Path(root) / "bottle", image_size=32)  # good normal, hole anomalous: it runs
+    assert source.classes == ["good"] and source.test_only == ["hole"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{root}/bottle/ground_truth (defect masks) is not read without --dataset mvtec" in last
+    assert f"--dataset mvtec --data-dir {root} --cls bottle" in last
+    data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "bottle")
+    assert "is not read" not in capsys.readouterr().err  # read as MVTec AD: the masks are read
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## The whole path.
 

@@ -142,9 +142,14 @@ def test_compiled_run_saves_plain_keys(files, tmp_path, monkeypatch):
     assert evaluate.main([str(out)]) == 0
 
 
-def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path):
+def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path, capsys):
     out = tmp_path / "r"
     assert run(files, out, "vit", "--teacher-mean", "0.5", "0.5", "0.5", "--teacher-std", "0.5", "0.5", "0.5") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("teacher: ") and printed[0].endswith(": torchvision ViT, 3 blocks, width 128, "
+                                                                      "patch 8, at 32 px")
+    assert printed[1] == "  input mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5): set by --teacher-mean/--teacher-std or " \
+                         "the recipe"
     config = json.loads((out / "config.json").read_text())
     assert config["teacher"]["config"]["mean"] == [0.5] * 3 and config["teacher"]["config"]["std"] == [0.5] * 3
     results = json.loads((out / "results.json").read_text())

@@ -471,7 +471,7 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
     """huggingface_hub.hf_hub_download, with its errors said in one line and its retry warnings kept quiet."""
     import logging
 
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
     where = f"{filename} of {repo} (revision {revision}) from {hub_endpoint()}"
@@ -490,9 +490,7 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
     except RevisionNotFoundError:
         raise CheckpointError(f"{repo} has no revision {revision}") from None
     except LocalEntryNotFoundError:
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
-        raise CheckpointError(f"could not download {where}: {why}, and it is not in the Hugging Face cache "
-                              f"({cache_dir or constants.HF_HUB_CACHE}); {advice}") from None
+        raise not_cached(repo, filename, revision, cache_dir) from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
     except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)
@@ -500,6 +498,27 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
         raise CheckpointError(f"could not download {where} ({reason}); {advice}") from None
     finally:
         hf_logger.setLevel(level)
+
+
+def not_cached(repo: str, filename: str, revision: str, cache_dir) -> CheckpointError:
+    from huggingface_hub import constants
+    why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
+    return CheckpointError(f"could not download {filename} of {repo} (revision {revision}) from {hub_endpoint()}: "
+                           f"{why}, and it is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}); "
+                           f"see 'Without network' in the README, or pass a local file with --teacher")
+
+
+def check_offline(teacher: str, cache_dir=None):
+    """In offline mode (HF_HUB_OFFLINE), a preset or hub address whose file is not in the Hugging Face cache:
+    CheckpointError (not_cached's line). Reads the cache only and imports no torch, so train.py answers before its
+    slow imports; anything else is left to resolve_teacher."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    hub = (PRESETS[teacher].repo, PRESETS[teacher].filename, "main") if teacher in PRESETS else \
+        parse_hub_url(teacher) if teacher.startswith(("http://", "https://")) else None
+    if constants.HF_HUB_OFFLINE and hub:
+        repo, filename, revision = hub
+        if not isinstance(try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision), str):
+            raise not_cached(repo, filename, revision, cache_dir)
 
 
 def forget(path: Path):

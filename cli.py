@@ -10,12 +10,16 @@ import torch when they are called.
     for x in cli.progress(batches, total=len(batches), desc="epoch 1"): ...
 """
 import argparse
+import importlib.util
 import os
 import signal
 import sys
 from contextlib import nullcontext
 
-from checkpoint import DEFAULT_TEACHER, PRESETS
+from checkpoint import DEFAULT_TEACHER, PRESETS, CheckpointError, check_offline
+
+
+NO_MATPLOTLIB = "--plots needs matplotlib, which is not installed: pip install matplotlib"
 
 
 class RunError(ValueError):
@@ -147,6 +151,11 @@ def train_args(argv=None) -> argparse.Namespace:
         p.error("--resume and --overwrite exclude each other")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seed lists a seed twice ({' '.join(map(str, args.seeds))}): each seed is one run")
+    if os.environ.get("HF_HUB_OFFLINE"):  # a teacher offline mode cannot reach: say so before the slow imports
+        try:
+            check_offline(args.teacher or DEFAULT_TEACHER[args.dataset][args.backbone], args.cache_dir)
+        except CheckpointError as e:
+            p.exit(2, f"error: {e}\n")
     return args
 
 
@@ -176,6 +185,8 @@ def evaluate_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.plots and importlib.util.find_spec("matplotlib") is None:  # found without importing it
+        p.exit(2, f"error: {NO_MATPLOTLIB}\n")
     return args
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
+from cli import NO_MATPLOTLIB
 from data import ANOMALOUS, NORMAL
 
 DPI = 100
@@ -41,7 +42,7 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("--plots needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise PlotError(NO_MATPLOTLIB) from None
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     return plt

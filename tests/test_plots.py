@@ -56,7 +56,9 @@ def test_table_chart(runs, tmp_path):
 
 def test_without_matplotlib(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert evaluate.main([str(runs["vit"]), "--plots"]) == 2
+    with pytest.raises(SystemExit) as stop:  # at once, with the flags (test_cli: before torch is imported)
+        evaluate.main([str(runs["vit"]), "--plots"])
+    assert stop.value.code == 2
     assert "pip install matplotlib" in capsys.readouterr().err.strip().splitlines()[-1]
     assert evaluate.main([str(runs["vit"])]) == 0  # everything else works
     assert evaluate.main(["--table", str(runs["vit"]), "--table-out", str(tmp_path / "t")]) == 0

@@ -225,4 +225,4 @@ def test_all_categories_train_score_localise_and_tabulate(tmp_path, capsys):
     assert again["pro"] == pytest.approx(saved["pro"], abs=1e-6)
     pytest.importorskip("matplotlib")
     assert evaluate.main([str(out / "1-grid"), "--plots"]) == 0
-    assert (out / "1-grid" / "maps.png").stat().st_size > 10_000
+    assert (out / "1-grid" / "maps-mismatch.png").stat().st_size > 10_000

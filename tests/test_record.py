@@ -245,6 +245,7 @@ def test_no_published_figures_beside_a_limited_run(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     (group,) = tables.tables([run])
     assert group["published_label"] is None and group["rows"][0]["published"] is None
+    assert group["chart_title"].endswith(", limit 300") and ", limit 300" in group["title"]
 
 
 def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsys):

@@ -285,14 +285,15 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(iterable, total: int, desc: str, interval: float = 30.0):
-    """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left). On a terminal the bar redraws
-    in place and is cleared at the end; when stderr is not a terminal a line is written at most every `interval`
-    seconds (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is
-    closed before any message that follows (a Ctrl-C or error line then starts on a line of its own)."""
+def progress(iterable, total: int, desc: str, interval: float = 30.0, initial: int = 0):
+    """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left); the count starts at
+    `initial` (the steps a resumed epoch had done) and goes to `total`. On a terminal the bar redraws in place and
+    is cleared at the end; when stderr is not a terminal a line is written at most every `interval` seconds
+    (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is closed
+    before any message that follows (a Ctrl-C or error line then starts on a line of its own)."""
     from tqdm import tqdm
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                    unit="batch")
+                    unit="batch", initial=initial)
     return tqdm(iterable, total=total, desc=desc, file=_Lines(sys.stderr), mininterval=interval, delay=interval,
-                ncols=100, ascii=True, unit="batch")
+                ncols=100, ascii=True, unit="batch", initial=initial)

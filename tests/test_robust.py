@@ -270,6 +270,37 @@ def test_all_classes_resume_after_an_interruption(files, tmp_path, capsys, monke
     assert all((out / c / "results.json").is_file() for c in ("0-ant", "1-bee", "2-cow"))
 
 
+def test_the_last_progress_line_counts_the_steps_the_stop_message_counts(monkeypatch):
+    """A resumed epoch (7 steps, 3 done before) interrupted during its 5th step: the last progress line written
+    to a log says 5/7, as the message says step 5."""
+    import io
+    from argparse import Namespace
+    from functools import partial
+
+    import cli as cli_module
+    import steps
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(steps, "progress", partial(cli_module.progress, interval=0))
+
+    class Snaps:
+        state = {"partial": {"step": 3, "losses": [1.0] * 3, "seen": 6, "seconds": 1.0}}
+
+        def save(self, epoch, partial):
+            pass
+
+        def kept(self, interrupted):
+            return "saved"
+    stop = steps.Interrupt()
+    epoch = steps.EpochSteps(((torch.arange(2), None) for _ in range(4)), 14, Namespace(batch_size=2, epochs=1), 0,
+                             Snaps(), stop)
+    with pytest.raises(steps.Stop, match="interrupted at epoch 1, step 5;"):
+        for step, _ in enumerate(epoch, start=4):
+            epoch.log(torch.tensor(1.0))
+            stop.requested = step == 5
+    assert " 5/7 " in log.getvalue().strip().splitlines()[-1]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):
     out = tmp_path / "r"
     real, count = train.train_step, {"n": 0}

@@ -25,7 +25,6 @@ from pathlib import Path  # the rest waits for the flag check above
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from cli import RunError, autocast, pick_device, progress
@@ -68,6 +67,7 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
 def auroc(scores, labels) -> float | None:
     """ROC AUC in [0, 1] with anomalous (1) as the positive class and higher score = more anomalous
     (scikit-learn's roc_auc_score); None when the labels hold one kind only (no AUROC exists)."""
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn takes a second to import, a run needs it at the end
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:
         return None

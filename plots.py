@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_curve
 
 from cli import NO_MATPLOTLIB
 from data import ANOMALOUS, NORMAL
@@ -98,6 +97,7 @@ def run_title(cfg: dict) -> str:
 def roc_png(path, scores, labels, auc, title):
     """ROC curve of test scores (numpy (N,) float, higher = more anomalous) against labels (N,) in {0, 1}."""
     plt = pyplot()
+    from sklearn.metrics import roc_curve
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=FIGSIZE["roc"], layout="constrained")
     ax.plot(fpr, tpr, label=f"AUROC {auc:.4f}\n({(labels == NORMAL).sum()} normal, "

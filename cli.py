@@ -271,15 +271,17 @@ def autocast(device, precision: str):
 ## Progress: tqdm's bar on a terminal; in a log file, one plain line per interval instead of carriage returns.
 
 class _Lines:
-    """A stream for tqdm that turns each redraw ('\\r' + bar) into one line of its own (for redirected output)."""
+    """A stream for tqdm that turns each redraw ('\\r' + bar) into one line of its own (for redirected output); a
+    redraw the same as the line before (the last update, then the bar closing) is not written twice."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, s):
         s = s.replace("\r", "").strip()
-        if s:
+        if s and s != self.last:
             self.stream.write(s + "\n")
+            self.last = s
 
     def flush(self):
         self.stream.flush()

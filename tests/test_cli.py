@@ -66,6 +66,11 @@ def test_progress_writes_lines_when_not_a_terminal(monkeypatch):
     lines = err.getvalue().splitlines()
     assert lines and "\r" not in err.getvalue() and all(line.startswith("epoch 1/1") for line in lines)
     assert "5/5" in lines[-1]
+    same, line = io.StringIO(), "epoch 1/1: 3/3 [00:30<00:00, 10.25s/batch]"
+    out = cli._Lines(same)
+    for _ in range(2):  # the last update, then the bar closing, drawn alike: one line
+        out.write("\r" + line)
+    assert same.getvalue() == line + "\n"
     err.truncate(0)
     err.seek(0)
     with cli.progress(range(5), total=5, desc="quick", interval=3600) as bar:  # ends before the first interval

@@ -337,7 +337,10 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     """Ctrl-C ends the process with one line and a resumable state; SIGKILL at any moment leaves the last
     state.pt loadable; --resume then gives exactly the weights of an uninterrupted run."""
     out = tmp_path / "killed"
-    argv = [sys.executable, str(ROOT / "train.py"), *argv_for(files, out, "vit", "--batch-size", "2")]
+    small = image_folder(tmp_path / "data", n_train=10, n_test=4)  # 5 steps an epoch: short epochs, same checks
+    def argv_of(out, *extra):
+        return argv_for(files, out, "vit", "--batch-size", "2", "--knn-k", "0", *extra, data=small)
+    argv = [sys.executable, str(ROOT / "train.py"), *argv_of(out)]
     argv[argv.index("--epochs") + 1] = "200"
 
     def start_and_wait_for_epochs(n):
@@ -370,10 +373,10 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     assert epoch >= 3 - 1  # the state written before the kill is whole and loadable
 
     # finish the killed run at epoch + 1 and compare with a run that was never interrupted
-    resume = argv_for(files, out, "vit", "--batch-size", "2", "--resume")
+    resume = argv_of(out, "--resume")
     resume[resume.index("--epochs") + 1] = str(epoch + 1)
     assert cli(resume) == 0
-    straight = argv_for(files, tmp_path / "straight", "vit", "--batch-size", "2")
+    straight = argv_of(tmp_path / "straight")
     straight[straight.index("--epochs") + 1] = str(epoch + 1)
     assert cli(straight) == 0
     assert same_weights(weights(out), weights(tmp_path / "straight"))

@@ -37,8 +37,9 @@ def hub(tmp_path, monkeypatch):
 
 
 def argv_for(files, out, cache, *extra):
+    """A short run (these tests are about where the teacher comes from, not what the run computes)."""
     return ["--backbone", "vit", "--cls", "1", "--data-dir", files["data"], "--image-size", "32", "--epochs", "1",
-            "--cache-dir", str(cache), "--out", str(out), *extra]
+            "--limit", "12", "--knn-k", "0", "--cache-dir", str(cache), "--out", str(out), *extra]
 
 
 def test_preset_is_fetched_once_converted_once_and_recorded(files, tmp_path, hub, capsys):

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
-            "vgg": vgg16_file(d / "vgg.safetensors"), "dir": d}
+            "vgg": vgg16_file(d / "vgg.safetensors"), "dir": d,
+            "small": image_folder(d / "small", n_train=10, n_test=4)}  # 9 bee images: 3 steps of 4 an epoch
 
 
 def argv_for(files, out, backbone="vit", *extra, teacher=None, data=None, cls="bee"):
@@ -230,16 +231,16 @@ def same_weights(a, b):
 
 @pytest.mark.parametrize("backbone", ["vit", "vgg"])
 def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch, backbone):
-    extra = ["--epochs", "3", "--batch-size", "4"]  # 27 images: 7 steps per epoch
-    assert cli(argv_for(files, tmp_path / "straight", backbone, *extra)) == 0
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 9 images: 3 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", backbone, *extra, data=files["small"])) == 0
     out = tmp_path / "stopped"
-    interrupt_at(monkeypatch, 10)  # epoch 2, step 3
-    last = fails(capsys, argv_for(files, out, backbone, *extra), "interrupted at epoch 2, step 3",
+    interrupt_at(monkeypatch, 5)  # epoch 2, step 2
+    last = fails(capsys, argv_for(files, out, backbone, *extra, data=files["small"]), "interrupted at epoch 2, step 2",
                  "saved a resumable state", "--resume", code=130)
     assert str(out / "state.pt") in last
     assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
-    assert cli(argv_for(files, out, backbone, *extra, "--resume")) == 0
+    assert cli(argv_for(files, out, backbone, *extra, "--resume", data=files["small"])) == 0
     assert same_weights(weights(tmp_path / "straight"), weights(out))
     losses = [[json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()]
               for p in (tmp_path / "straight", out)]
@@ -247,13 +248,14 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_pat
 
 
 def test_ctrl_c_on_the_last_step_of_an_epoch(files, tmp_path, capsys, monkeypatch):
-    extra = ["--epochs", "3", "--batch-size", "4"]  # 7 steps per epoch
-    assert cli(argv_for(files, tmp_path / "straight", "vit", *extra)) == 0
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 9 images: 3 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", "vit", *extra, data=files["small"])) == 0
     out = tmp_path / "stopped"
-    interrupt_at(monkeypatch, 7)  # the last step of epoch 1: the epoch ends, is saved, then the run stops
-    fails(capsys, argv_for(files, out, "vit", *extra), "interrupted after epoch 1", "--resume", code=130)
+    interrupt_at(monkeypatch, 3)  # the last step of epoch 1: the epoch ends, is saved, then the run stops
+    fails(capsys, argv_for(files, out, "vit", *extra, data=files["small"]), "interrupted after epoch 1", "--resume",
+          code=130)
     monkeypatch.undo()
-    assert cli(argv_for(files, out, "vit", *extra, "--resume")) == 0
+    assert cli(argv_for(files, out, "vit", *extra, "--resume", data=files["small"])) == 0
     assert same_weights(weights(tmp_path / "straight"), weights(out))
 
 
@@ -337,9 +339,8 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     """Ctrl-C ends the process with one line and a resumable state; SIGKILL at any moment leaves the last
     state.pt loadable; --resume then gives exactly the weights of an uninterrupted run."""
     out = tmp_path / "killed"
-    small = image_folder(tmp_path / "data", n_train=10, n_test=4)  # 5 steps an epoch: short epochs, same checks
-    def argv_of(out, *extra):
-        return argv_for(files, out, "vit", "--batch-size", "2", "--knn-k", "0", *extra, data=small)
+    def argv_of(out, *extra):  # 9 images in batches of 2: 5 steps an epoch
+        return argv_for(files, out, "vit", "--batch-size", "2", "--knn-k", "0", *extra, data=files["small"])
     argv = [sys.executable, str(ROOT / "train.py"), *argv_of(out)]
     argv[argv.index("--epochs") + 1] = "200"
 

@@ -484,8 +484,7 @@ def hub_download(repo: str, filename: str, revision: str, cache_dir, force=False
             raise CheckpointError(f"could not download {where}: {why}; the Hugging Face cache ({cache}) holds "
                                   f"{filename} in {len(found)} snapshots of {repo} ({commits}) but no refs/{revision} "
                                   f"says which is {revision}: pass one with --teacher {found[0]}") from None
-        raise CheckpointError(f"could not download {where}: {why}, and it is not in the Hugging Face cache "
-                              f"({cache}); {advice}") from None
+        raise not_cached(repo, filename, revision, cache_dir) from None
     except EntryNotFoundError:
         raise CheckpointError(f"{repo} has no file {filename} at revision {revision}") from None
     except (HfHubHTTPError, OSError, Exception) as e:  # also the HTTP client's own errors (a dropped connection)
@@ -503,6 +502,28 @@ def cached_snapshots(cache: Path, repo: str, filename: str) -> list[Path]:
     <filename>, whatever refs/ says (or lacks)."""
     snapshots = Path(cache) / f"models--{repo.replace('/', '--')}" / "snapshots"
     return sorted(f for f in snapshots.glob(f"*/{filename}") if f.is_file())
+
+
+def not_cached(repo: str, filename: str, revision: str, cache_dir) -> CheckpointError:
+    from huggingface_hub import constants
+    why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "no connection"
+    return CheckpointError(f"could not download {filename} of {repo} (revision {revision}) from {hub_endpoint()}: "
+                           f"{why}, and it is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}); "
+                           f"see 'Without network' in the README, or pass a local file with --teacher")
+
+
+def check_offline(teacher: str, cache_dir=None):
+    """In offline mode (HF_HUB_OFFLINE), a preset or hub address whose file is not in the Hugging Face cache:
+    CheckpointError (not_cached's line). Reads the cache only and imports no torch, so train.py answers before its
+    slow imports; anything else (a snapshot without refs/ too) is left to resolve_teacher."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    hub = (PRESETS[teacher].repo, PRESETS[teacher].filename, "main") if teacher in PRESETS else \
+        parse_hub_url(teacher) if teacher.startswith(("http://", "https://")) else None
+    if constants.HF_HUB_OFFLINE and hub:
+        repo, filename, revision = hub
+        cached = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+        if not isinstance(cached, str) and not cached_snapshots(cache_dir or constants.HF_HUB_CACHE, repo, filename):
+            raise not_cached(repo, filename, revision, cache_dir)
 
 
 def forget(path: Path):

@@ -10,12 +10,16 @@ import torch when they are called.
     for x in cli.progress(batches, total=len(batches), desc="epoch 1"): ...
 """
 import argparse
+import importlib.util
 import os
 import signal
 import sys
 from contextlib import nullcontext
 
-from checkpoint import DEFAULT_TEACHER, PRESETS
+from checkpoint import DEFAULT_TEACHER, PRESETS, CheckpointError, check_offline
+
+
+NO_MATPLOTLIB = "--plots needs matplotlib, which is not installed: pip install matplotlib"
 
 
 class RunError(ValueError):
@@ -117,9 +121,9 @@ def train_parser() -> OneLineParser:
     g.add_argument("--knn-k", type=int, default=2,
                    help="neighbours of the teacher-alone kNN baseline scored beside KDAD (default: 2; 0 skips it)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus the image "
-                                 "size, limit and epochs where they are not the recipe's; with several seeds, "
-                                 "OUT/s<seed>)")
+    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus every "
+                                 "setting that changes the result and is not the recipe's, e.g. -32px-limit300-1ep-"
+                                 "batch16; with several seeds, OUT/s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
@@ -158,6 +162,11 @@ def train_args(argv=None) -> argparse.Namespace:
         p.error("--teacher-heads is for a ViT teacher (--backbone vit)")
     if len(set(args.seeds)) < len(args.seeds):
         p.error(f"--seed lists a seed twice ({' '.join(map(str, args.seeds))}): each seed is one run")
+    if os.environ.get("HF_HUB_OFFLINE"):  # a teacher offline mode cannot reach: say so before the slow imports
+        try:
+            check_offline(args.teacher or DEFAULT_TEACHER[args.dataset][args.backbone], args.cache_dir)
+        except CheckpointError as e:
+            p.exit(2, f"error: {e}\n")
     return args
 
 
@@ -187,6 +196,8 @@ def evaluate_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.plots and importlib.util.find_spec("matplotlib") is None:  # found without importing it
+        p.exit(2, f"error: {NO_MATPLOTLIB}\n")
     return args
 
 
@@ -350,29 +361,32 @@ def set_numerics(precision: str, deterministic: bool = False):
 ## Progress: tqdm's bar on a terminal; in a log file, one plain line per interval instead of carriage returns.
 
 class _Lines:
-    """A stream for tqdm that turns each redraw ('\\r' + bar) into one line of its own (for redirected output)."""
+    """A stream for tqdm that turns each redraw ('\\r' + bar) into one line of its own (for redirected output); a
+    redraw the same as the line before (the last update, then the bar closing) is not written twice."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, s):
         s = s.replace("\r", "").strip()
-        if s:
+        if s and s != self.last:
             self.stream.write(s + "\n")
+            self.last = s
 
     def flush(self):
         self.stream.flush()
 
 
-def progress(iterable, total: int, desc: str, interval: float = 30.0, unit: str = "batch"):
-    """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left). On a terminal the bar redraws
-    in place and is cleared at the end; when stderr is not a terminal a line is written at most every `interval`
-    seconds (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is
-    closed before any message that follows (a Ctrl-C or error line then starts on a line of its own). With
-    iterable None the caller counts: bar.update(n)."""
+def progress(iterable, total: int, desc: str, interval: float = 30.0, unit: str = "batch", initial: int = 0):
+    """Wrap an iterable in a tqdm bar on stderr (count, rate, elapsed and time left); the count starts at
+    `initial` (the steps a resumed epoch had done) and goes to `total`. On a terminal the bar redraws in place and
+    is cleared at the end; when stderr is not a terminal a line is written at most every `interval` seconds
+    (nothing for a loop that ends sooner), and one at the end. Use it as a context manager so the bar is closed
+    before any message that follows (a Ctrl-C or error line then starts on a line of its own). With iterable None
+    the caller counts: bar.update(n)."""
     from tqdm import tqdm
     if sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
-                    unit=unit)
+                    unit=unit, initial=initial)
     return tqdm(iterable, total=total, desc=desc, file=_Lines(sys.stderr), mininterval=interval, delay=interval,
-                ncols=100, ascii=True, unit=unit)
+                ncols=100, ascii=True, unit=unit, initial=initial)

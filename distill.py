@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
 from checkpoint import CheckpointError, read_header
 from vgg import CLONER, VGG, load_vgg16
@@ -162,6 +161,7 @@ class KDAD:
             s = tapped(self.student(x), self.taps.score_student)
             t = tapped(self.teacher(x), self.taps.score_teacher)
             (grad,) = torch.autograd.grad(anomaly_score(s, t, self.lam).sum(), x)
+        from torchvision.transforms.functional import gaussian_blur  # here: importing torchvision takes a second
         g = grad.float().abs().sum(dim=1)                             # (B, S, S)
         flat = g.flatten(1)
         lo, hi = flat.min(dim=1).values, torch.quantile(flat, 0.99, dim=1)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors, sha256
 from cli import RunError, autocast, note, pick_device, pick_precision, progress, set_numerics
@@ -105,6 +104,7 @@ def auroc(scores, labels, what: str = "anomaly scores") -> float | None:
     """ROC AUC in [0, 1] with anomalous (1) as the positive class and higher score = more anomalous
     (scikit-learn's roc_auc_score); None when the labels hold one kind only (no AUROC exists). Raises NonFinite
     (naming `what`) for NaN/inf scores."""
+    from sklearn.metrics import roc_auc_score  # here: scikit-learn takes a second to import, a run needs it at the end
     finite(np.asarray(scores), what)
     labels = np.asarray(labels)
     if len(np.unique(labels)) < 2:

@@ -317,7 +317,13 @@ def open_source(data_dir=None, data_root="./data", image_size=224, crop_pct=CROP
         if not data_dir:
             raise DataError("--dataset mvtec needs --data-dir: the MVTec AD folder (one folder per category)")
         return MVTecAD(data_dir, side, whole)
-    return ImageFolder(data_dir, side, whole) if data_dir else TorchvisionCIFAR10(data_root)
+    if not data_dir:
+        return TorchvisionCIFAR10(data_root)
+    folder = ImageFolder(data_dir, side, whole)
+    if (folder.root / "ground_truth").is_dir():  # an MVTec AD category read as a plain image folder
+        note(f"{folder.root}/ground_truth (defect masks) is not read without --dataset mvtec; for pixel AUROC and "
+             f"PRO: --dataset mvtec --data-dir {folder.root.parent} --cls {folder.root.name}")
+    return folder
 
 
 

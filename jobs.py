@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import DEFAULT_TEACHER, LABEL_FREE_VIT, PRESETS, CheckpointError, read_header, resolve_teacher, sha256
+from checkpoint import DEFAULT_TEACHER, CheckpointError, read_header, resolve_teacher, sha256
 from cli import RunError, note, pick_device, pick_precision, set_numerics
 from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
@@ -51,6 +51,18 @@ def is_cifar10(source) -> bool:
     return list(source.folders) == list(CIFAR10_CLASSES)
 
 
+def job_settings(args, source, cls, teacher_info, precision) -> dict:
+    """What config.json records as a run's settings, and Run.open compares: the flags (recipe values filled in),
+    the class as an index and a name, the precision chosen, the data and the teacher by identity. Needs no image
+    decoded and no teacher loaded, so a run folder can be checked before the slow work (check_run_folders)."""
+    label = source.class_index(cls)
+    settings = {k: v for k, v in vars(args).items() if k not in ("optimizer", "seeds")}
+    return settings | {"cls": label, "class_name": source.classes[label], "precision": precision,
+                       "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
+                       "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
+                       "optimizer": args.optimizer.__name__}
+
+
 def run_class(args, source, cls, teacher, teacher_info, device, precision, run: Run, finished_ok=False) -> dict:
     """Train and score one normal class into the run folder `run`; returns results.json's content. finished_ok:
     the same run already finished is reported, not refused (one job of many; see Run.open)."""
@@ -70,11 +82,7 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
     if args.knn_k > len(data.train):
         raise RunError(f"--knn-k {args.knn_k} needs at least {args.knn_k} training images of class "
                        f"{data.class_name!r}; there are {len(data.train)}: lower --knn-k (0 skips the baseline)")
-    settings = {k: v for k, v in vars(args).items() if k not in ("optimizer", "seeds")}
-    settings |= {"cls": data.normal_class, "class_name": data.class_name, "precision": precision,
-                 "data": data_identity(args), "data_dir": args.data_dir and str(Path(args.data_dir).resolve()),
-                 "data_root": str(Path(args.data_root).resolve()), "teacher_sha256": teacher_info["sha256"],
-                 "optimizer": args.optimizer.__name__}
+    settings = job_settings(args, source, cls, teacher_info, precision)
     resume = run.open(settings, args.resume, args.overwrite, finished_ok)
     changed = resume and teacher_changes(read_json(run.path / "config.json")["teacher"].get("config", {}),
                                          asdict(teacher.cfg))
@@ -124,43 +132,47 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
 ## The teacher, and the command line.
 
 def describe(teacher) -> str:
-    """The teacher: line's description: the network, and where what its tensors do not say came from."""
+    """'huggingface-dinov2 ViT, 12 blocks, width 384, 6 heads, patch 14, at 112 px': one short line."""
     c = teacher.cfg
     if hasattr(c, "patch_size"):
-        said = getattr(teacher, "described", {})
-        heads = f"{c.heads} head{'s' * (c.heads != 1)} ({said.get('heads', 'assumed')}"
-        heads += "; --teacher-heads N if not)" if said.get("heads", "assumed").startswith("assumed") else ")"
-        norm = f" (from {said['eps']})" if "eps" in said else ""
-        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {heads}, patch {c.patch_size}, "
-                f"{c.registers} registers, LayerNorm eps {c.eps:g}{norm}, at {c.image_size} px, mean/std "
-                f"{c.mean}/{c.std}" + (f" (from {said['mean']})" if "mean" in said else ""))
-    return f"VGG16, stage widths {teacher.stage_channels}, mean/std {c.mean}/{c.std}"
+        registers = f", {c.registers} registers" if c.registers else ""
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {c.heads} heads, patch {c.patch_size}"
+                f"{registers}, at {c.image_size} px")
+    return f"VGG16, stage widths {' '.join(map(str, teacher.stage_channels))}"
 
 
-def prepare_teacher(args, device):
-    """Resolve, load and describe the teacher; returns (teacher, its identity for config.json)."""
-    name = args.teacher
-    found = resolve_teacher(name, args.cache_dir)
-    path, preset = found.path, found.preset
-    teacher = place(load_teacher(path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std,
+def find_teacher(args) -> tuple:
+    """Fetch (or find in the cache) the teacher file and say what it is, without loading it: (checkpoint.Teacher,
+    its identity for config.json: name, short name, preset, origin, path, sha256, label leak)."""
+    found = resolve_teacher(args.teacher, args.cache_dir)
+    info = {"name": args.teacher, "short_name": teacher_name(args.teacher, found.path, found.preset),
+            "preset": found.preset, "origin": found.origin, "path": str(Path(found.path).resolve()),
+            "sha256": sha256(found.path), "label_leak": found.preset == "vit-b16-cifar10"}
+    return found, info
+
+
+def load_found_teacher(args, found, info: dict, device):
+    """Load the teacher find_teacher found onto `device` and print what it is in a few short lines (an input
+    mean/std other than its family's, a head count nothing beside the file says, what it may have seen); info
+    gains its layout and config."""
+    teacher = place(load_teacher(found.path, args.backbone, args.image_size, args.teacher_mean, args.teacher_std,
                                  args.teacher_heads), device, args.backbone)
-    info = {"name": name, "short_name": teacher_name(name, path, preset), "preset": preset, "origin": found.origin,
-            "path": str(Path(path).resolve()), "sha256": sha256(path),
-            "layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg),
-            "label_leak": preset == "vit-b16-cifar10"}
-    print(f"teacher: {name}" + (f" ({PRESETS[preset].note})" if preset else "") + f": {describe(teacher)}")
-    said = getattr(teacher, "described", {})
-    if not preset and args.teacher_mean is None and "mean" not in said and \
-            str(getattr(teacher, "layout", "")).startswith(("timm", "huggingface")):
-        print(f"  note: normalising with the {teacher.layout} family's usual mean/std {teacher.cfg.mean}/"
-              f"{teacher.cfg.std}; a checkpoint trained with other values needs --teacher-mean/--teacher-std")
+    info |= {"layout": getattr(teacher, "layout", "torchvision"), "config": asdict(teacher.cfg)}
+    name = args.teacher if len(args.teacher) <= 40 else ".../" + Path(args.teacher.split("?")[0]).name
+    print(f"teacher: {name}: {describe(teacher)}")
+    c, said = teacher.cfg, getattr(teacher, "described", {})
+    if args.teacher_mean is not None or args.teacher_std is not None:  # given, or the recipe's
+        print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: set by --teacher-mean/--teacher-std or the recipe")
+    elif "mean" in said:
+        print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: from {said['mean']}")
+    if said.get("heads", "").startswith("assumed"):
+        print(f"  note: {c.heads} heads {said['heads']} (no file says); --teacher-heads N sets it")
     if info["label_leak"]:
-        print(f"  note: this teacher was fine-tuned on CIFAR-10 labels of all ten classes, so it has seen the "
-              f"anomalies with labels; label-free presets: {', '.join(LABEL_FREE_VIT)}")
-    elif classifier_classes(path) == 10:
-        print("  note: this checkpoint carries a 10-class classifier head: if it was fine-tuned on CIFAR-10 (as the "
-              "reproduction's teacher was), it has seen the anomalies with labels")
-    return teacher, info
+        print("  note: fine-tuned on CIFAR-10 labels of all ten classes, it has seen the anomalies; label-free: "
+              "--teacher dino-vitb16")
+    elif classifier_classes(found.path) == 10:
+        print("  note: it carries a 10-class classifier head: if fine-tuned on CIFAR-10, it has seen the anomalies")
+    return teacher
 
 
 def classifier_classes(path) -> int | None:
@@ -200,11 +212,11 @@ def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
     and the table over all of them in runs/<name>-<class or all>-s0-1-2/. --out replaces runs/<...>-s<seed> by
     OUT (one seed) or OUT/s<seed> (several)."""
     data = Path(args.data_dir).resolve().name if args.data_dir else None
+    recipe = recipe_defaults(args)
     def folder(label, seed):
         if args.out:
             return Path(args.out) / f"s{seed}" if len(args.seeds) > 1 else Path(args.out)
-        return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, args.image_size,
-                               args.limit, args.epochs, RECIPES[args.dataset][args.backbone]["epochs"])
+        return default_run_dir(args.backbone, teacher_info["short_name"], data, label, seed, vars(args), recipe)
     if args.cls == "all":
         label, classes = "all", [(i, f"{i}-{source.classes[i]}") for i in source.normal_classes]
         if len(classes) < len(source.classes):
@@ -220,6 +232,20 @@ def plan(args, source, teacher_info) -> tuple[list[Job], Path | None]:
     if len(args.seeds) == 1:
         return jobs, folder(label, args.seeds[0]) / "table"
     return jobs, (Path(args.out) if args.out else folder(label, "-".join(map(str, args.seeds)))) / "table"
+
+
+def recipe_defaults(args) -> dict:
+    """Each flag's value when it is left out: the recipe's (RECIPES), or the flag's own default."""
+    parser = cli.train_parser()
+    return {name: parser.get_default(name) for name in vars(args)} | RECIPES[args.dataset][args.backbone]
+
+
+def check_run_folders(args, source, jobs: list, teacher_info, precision):
+    """Refuse, before the teacher is loaded and any image decoded, a command whose run folders cannot be used as
+    asked (another configuration, an unfinished or a finished run; Run.check): the first such folder, in one line."""
+    for job in jobs:
+        settings = job_settings(Namespace(**vars(args), seed=job.seed), source, job.cls, teacher_info, precision)
+        Run(job.run).check(settings, args.resume, args.overwrite, finished_ok=len(jobs) > 1)
 
 
 def distributed() -> tuple[int, int, int]:
@@ -251,9 +277,10 @@ def gather(obj, world: int, group=None) -> list:
 
 
 def setup(args, local_rank: int, world: int):
-    """Device, precision, teacher and data of this process. Under torchrun the first process of each machine
-    fetches the teacher and the data first and the others then read them from the cache, so no two processes
-    write the same file; an error in any process stops all of them, each with its own line."""
+    """Device, precision, teacher, data, jobs and table of this process; the run folders are checked before the
+    teacher is loaded. Under torchrun the first process of each machine fetches the teacher and the data first and
+    the others then read them from the cache, so no two processes write the same file; an error in any process
+    stops all of them, each with its own line."""
     error, prepared = None, None
     for turn in (True, False):  # local rank 0 first, then the others
         if (local_rank == 0) == turn:
@@ -261,9 +288,12 @@ def setup(args, local_rank: int, world: int):
                 device = pick_device(args.device, local_rank if world > 1 else None)
                 precision = pick_precision(args.precision, device)
                 set_numerics(precision, args.deterministic)  # TF32 only under autocast, cudnn.benchmark, ...
-                teacher, info = prepare_teacher(args, device)
+                found, info = find_teacher(args)
                 source = open_source(args.data_dir, args.data_root, args.image_size, args.crop_pct, args.dataset)
-                prepared = (device, precision, teacher, info, source)
+                jobs, table = plan(args, source, info)
+                check_run_folders(args, source, jobs, info, precision)  # before the slow work
+                teacher = load_found_teacher(args, found, info, device)
+                prepared = (device, precision, teacher, info, source, jobs, table)
             except USER_ERRORS + (OSError,) as e:
                 error = e
         if world > 1:
@@ -281,9 +311,8 @@ def run_jobs(args, rank: int, world: int, local_rank: int, final=None) -> int:
     that fails is reported and the others go on; the table covers the finished runs and names the failed ones.
     Under torchrun the first process gathers every process's finished runs (their results and config, over the
     `final` process group), so the table covers runs on other machines without a shared file system too."""
-    device, precision, teacher, info, source = setup(args, local_rank, world)
+    device, precision, teacher, info, source, jobs, table = setup(args, local_rank, world)
     print(f"device: {device}, precision: {precision}" + (f", process {rank + 1}/{world}" if world > 1 else ""))
-    jobs, table = plan(args, source, info)
     mine = jobs[rank::world]
     failed = []
     for k, job in enumerate(mine, start=1):

@@ -5,22 +5,23 @@ matplotlib is optional: only `evaluate.py --plots` and `--table` drawing need it
 Every figure's size is known in advance (FIGSIZE inches at DPI; `masks_figsize(n)` for the mask figure, whose
 height grows with the number of images), so a test can check each PNG's size.
 
-    python evaluate.py RUN --plots                  # roc.png, scores.png, maps.png, training.png in RUN
-    python evaluate.py RUN --plots --maps gradient  # the paper's gradient maps instead
+    python evaluate.py RUN --plots                  # roc.png, scores.png, maps-mismatch.png, training.png in RUN
+    python evaluate.py RUN --plots --maps gradient  # and maps-gradient.png, the paper's gradient maps
 
-Choices that hold for every figure: titles are wrapped to the figure's width (long teacher names included);
-anomaly maps use one perceptually uniform colour map (dark = low, bright = high) with a labelled colour bar; the
-bar chart's y-axis always shows the 50% chance line and starts at least 10 points below the lowest bar (or at 0).
+Choices that hold for every figure: titles are wrapped to the figure's width between phrases (long teacher names
+included); anomaly maps use one perceptually uniform colour map (dark = low, bright = high) with a labelled colour
+bar; every bar chart's y-axis starts at 0 (a bar's length is its AUROC, in every chart alike), shows the 50% chance
+line, and every bar carries its value.
 """
 import json
-import math
+import re
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_curve
 
+from cli import NO_MATPLOTLIB
 from data import ANOMALOUS, NORMAL
 from writes import write_atomically
 
@@ -42,26 +43,41 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("--plots needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise PlotError(NO_MATPLOTLIB) from None
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     return plt
 
 
 def save(fig, path: Path):
-    """A figure as a PNG, written whole or not at all (writes.write_atomically: WriteError on a full disk)."""
+    """A figure as a PNG, written whole or not at all (writes.write_atomically: WriteError on a full disk), then
+    closed; the caller says what it wrote."""
     try:
         write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
     finally:
         pyplot().close(fig)
-    print(f"wrote {path}")
 
 
 def wrap(text: str, width_in: float, fontsize: float = 12) -> str:
-    """Break text into lines that fit width_in inches at fontsize points. A DejaVu Sans character averages about
-    0.6 em, so 0.65 em leaves a margin; long names without spaces break at hyphens, or anywhere if they must."""
+    """Break text into lines that fit width_in inches at fontsize points, between phrases (after ',', ':' or ';')
+    where the phrases fit a line: 'teacher dino-vitb16,' / 'normal class 3 (cat)', never 'normal' / 'class 3'.
+    A phrase longer than a line breaks at spaces, then hyphens, then anywhere. A DejaVu Sans character averages
+    about 0.6 em, so 0.65 em leaves a margin."""
     chars = max(10, int(width_in * 72 / (0.65 * fontsize)))
-    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines())
+    lines = []
+    for paragraph in text.splitlines():
+        line = ""
+        for phrase in re.split(r"(?<=[,:;]) ", paragraph):
+            joined = f"{line} {phrase}" if line else phrase
+            if len(joined) <= chars:
+                line = joined
+                continue
+            if line:
+                lines.append(line)
+            *whole, line = textwrap.wrap(phrase, chars) or [""]  # a phrase longer than a line breaks inside
+            lines += whole
+        lines.append(line)
+    return "\n".join(lines)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -85,6 +101,7 @@ def run_title(cfg: dict) -> str:
 def roc_png(path, scores, labels, auc, title):
     """ROC curve of test scores (numpy (N,) float, higher = more anomalous) against labels (N,) in {0, 1}."""
     plt = pyplot()
+    from sklearn.metrics import roc_curve
     fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=FIGSIZE["roc"], layout="constrained")
     ax.plot(fpr, tpr, label=f"AUROC {auc:.4f}\n({(labels == NORMAL).sum()} normal, "
@@ -112,19 +129,27 @@ def scores_png(path, scores, labels, title):
 
 
 def training_png(path, log: list[dict], title):
-    """Training loss and validation loss on normal images per epoch (log.jsonl rows)."""
+    """Training loss and validation loss on normal images per epoch (log.jsonl rows). The legend goes below the
+    axes and the points keep a margin from the axes' edges, so no point hides under it; with few epochs each
+    point carries its value (one epoch is two points, not a curve)."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=FIGSIZE["training"], layout="constrained")
     epochs = [r["epoch"] for r in log]
-    ax.plot(epochs, [r["loss"] for r in log], "o-", label="training loss")
-    ax.plot(epochs, [r["val_normal_loss"] for r in log], "s-", label="validation loss (normal images)")
+    for key, style, label in (("loss", "o-", "training loss"), ("val_normal_loss", "s-",
+                                                                 "validation loss (normal images)")):
+        values = [r[key] for r in log]
+        ax.plot(epochs, values, style, label=label)
+        if len(log) <= 3:
+            for e, v in zip(epochs, values, strict=True):
+                ax.annotate(f"{v:.4f}", (e, v), xytext=(7, 0), textcoords="offset points", va="center", fontsize=9)
     ax.set(xlabel="epoch", ylabel="distillation loss")
     ax.set_title(wrap(title, FIGSIZE["training"][0]))
     # whole epochs only, and half an epoch of room each side: one epoch is a point at 1, not an axis 0.96 .. 1.04
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    ax.legend()
+    ax.margins(y=0.15)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
     save(fig, path)
 
 
@@ -185,26 +210,32 @@ def maps_png(path, kdad, images, prep, amp, scores, labels, kind="mismatch", k=4
     save(fig, path)
 
 
-def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, maps="mismatch"):
+def draw_run(run: Path, cfg, kdad, data, prep, amp, test_scores, test_auroc, maps="mismatch") -> list[Path]:
+    """roc.png, scores.png, maps-<kind>.png (each kind of map has its own file) and training.png in the run
+    folder; says what it wrote, in one line, and returns the paths."""
     title = run_title(cfg)
     scores, labels = test_scores.numpy(), data.test_labels.cpu().numpy()
-    roc_png(run / "roc.png", scores, labels, test_auroc, f"test ROC: {title}")
-    scores_png(run / "scores.png", scores, labels, f"test scores: {title}")
+    written = [run / "roc.png", run / "scores.png", run / f"maps-{maps}.png"]
+    roc_png(written[0], scores, labels, test_auroc, f"test ROC: {title}")
+    scores_png(written[1], scores, labels, f"test scores: {title}")
     if data.test_masks is not None:
-        mvtec_maps_png(run / "maps.png", kdad, data, prep, amp, scores, maps, title=title)
+        mvtec_maps_png(written[2], kdad, data, prep, amp, scores, maps, title=title)
     else:
-        maps_png(run / "maps.png", kdad, data.test, prep, amp, scores, labels, maps, title=title)
+        maps_png(written[2], kdad, data.test, prep, amp, scores, labels, maps, title=title)
     log_path = run / "log.jsonl"
     if log_path.is_file():
-        training_png(run / "training.png", [json.loads(line) for line in log_path.read_text().splitlines()],
+        written.append(run / "training.png")
+        training_png(written[3], [json.loads(line) for line in log_path.read_text().splitlines()],
                      f"training: {title}")
+    print(f"wrote {', '.join(p.name for p in written)} in {run}")
+    return written
 
 
 ## --------------------------------------------------------------------------------------------------------
 ## Pixel-level ground truth: anomaly maps beside defect masks (MVTec AD style test sets).
 
 def mvtec_maps_png(path, kdad, data, prep, amp, scores, kind="mismatch", defective=4, good=2, title=""):
-    """maps.png of an MVTec AD run: the `defective` highest-scoring defective test images and the `good` highest-
+    """maps-<kind>.png of an MVTec AD run: the `defective` highest-scoring defective test images and the `good` highest-
     scoring good ones (where a false alarm would show), each as image | map with the mask's outline | image with
     the outline (maps_with_masks_png), at the network's input size."""
     labels = data.test_labels.cpu().numpy()
@@ -286,12 +317,6 @@ SERIES = (  # (row field, legend label, colour); a series is drawn only when som
 )
 
 
-def axis_floor(values) -> float:
-    """Lowest y of the bar chart: at least 10 points below the lowest bar (so it is a bar, not a sliver), on a
-    multiple of 10, never above 40 (so the 50% chance line has room), never below 0."""
-    return float(max(0, min(40, 10 * math.floor(min(values) / 10) - 10)))
-
-
 def class_label(row: dict, width: int = 16) -> str:
     """'3 cat'; a long class name goes on up to three lines, and only beyond that is it cut (with '...')."""
     lines = textwrap.wrap(f"{row['class']} {row['name']}".strip(), width, break_on_hyphens=True,
@@ -305,7 +330,7 @@ def table_png(path, rows: list[dict], title: str, published_label: str = "publis
     rows: dicts with 'class', 'name', 'test_auroc' (%), 'std' (% or None: std over seeds, drawn as an error bar),
     'published' (% or None) and 'knn_test_auroc' (%, None or missing: the teacher-alone kNN baseline). A series
     with no value in any row is left out; a missing value inside a drawn series is marked 'n/a' (never a 0 bar).
-    title names what was compared (backbone, teacher, data); published_label names the paper the published
+    title names what was compared (backbone, teacher, data, --limit); published_label names the paper the published
     numbers come from. The figure has a fixed size for 1 to about 20 classes.
     """
     if not rows:
@@ -319,30 +344,31 @@ def table_png(path, rows: list[dict], title: str, published_label: str = "publis
     if has_mean:
         x[-1] += 0.5  # half a group of room before the mean
     width = 0.8 / len(series)
-    values = [r[key] for r in groups for key, _, _ in series if r.get(key) is not None]
-    values += [r["test_auroc"] - (r.get("std") or 0) for r in groups]
-    floor = axis_floor(values)
+    pad = 0.6 + max(0, 6 - len(groups)) / 2  # few classes: narrower bars, centred, not stretched over the width
+    # a value is written across its bar where it fits (about 10 inches of axes; 4 characters of 0.6 em at 9 pt),
+    # else along it
+    across = width * 10 / (x[-1] - x[0] + 2 * pad) >= 4 * 0.6 * 9 / 72
+    value_style = dict(ha="center", va="bottom", fontsize=9 if across else 8, rotation=0 if across else 90)
     fig, ax = plt.subplots(figsize=FIGSIZE["table"], layout="constrained")
     handles = []
     for j, (key, label, colour) in enumerate(series):
         at = x + (j - (len(series) - 1) / 2) * width
         have = [i for i, r in enumerate(groups) if r.get(key) is not None]
         heights = np.array([groups[i][key] for i in have], dtype=float)
-        # bars start at the axis floor: a bar's visible length is its value above the floor
-        handles.append(ax.bar(at[have], heights - floor, width, bottom=floor, color=colour,
+        handles.append(ax.bar(at[have], heights, width, color=colour,
                               label=wrap(label, FIGSIZE["table"][0] / 3.3, fontsize=9)))  # 3 legend columns
         for i in sorted(set(range(len(groups))) - set(have)):
-            ax.text(at[i], floor + 1, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="0.3")
-        if key != "test_auroc":
-            continue
-        stds = np.array([groups[i].get("std") for i in have], dtype=float)  # None -> nan: no error bar there
-        if not np.isnan(stds).all():
-            spread = ~np.isnan(stds)
-            handles.append(ax.errorbar(at[have][spread], heights[spread], yerr=stds[spread], fmt="none",
-                                       ecolor="black", capsize=2, lw=1, label="± std over seeds"))
-        stds = np.nan_to_num(stds)
-        for a, h, e in zip(at[have], heights, stds, strict=True):  # the numbers, above the bar and its error bar
-            ax.text(a, h + e + 0.8, f"{h:.1f}", rotation=90, ha="center", va="bottom", fontsize=7)
+            ax.text(at[i], 1, "n/a", **value_style | {"rotation": 90, "fontsize": 8, "color": "0.3"})
+        stds = np.zeros(len(have))
+        if key == "test_auroc":
+            stds = np.array([groups[i].get("std") for i in have], dtype=float)  # None -> nan: no error bar there
+            if not np.isnan(stds).all():
+                spread = ~np.isnan(stds)
+                handles.append(ax.errorbar(at[have][spread], heights[spread], yerr=stds[spread], fmt="none",
+                                           ecolor="black", capsize=2, lw=1, label="± std over seeds"))
+            stds = np.nan_to_num(stds)
+        for a, h, e in zip(at[have], heights, stds, strict=True):  # each value, above its bar and error bar
+            ax.text(a, h + e + 0.8, f"{h:.1f}", **value_style)
     handles.append(ax.axhline(50, color="crimson", ls="--", lw=1, label="chance (50%)"))
     if has_mean:
         ax.axvline(x[-1] - 0.75, color="0.6", lw=0.8)
@@ -350,10 +376,9 @@ def table_png(path, rows: list[dict], title: str, published_label: str = "publis
     ax.set_xticks(x, [class_label(r) if r["class"] != "mean" else "mean" for r in groups],
                   rotation=40 if many else 0, ha="right" if many else "center", rotation_mode="anchor",
                   fontsize=8 if len(groups) > 12 else 9)
-    pad = 0.6 + max(0, 6 - len(groups)) / 2  # few classes: narrower bars, centred, not stretched over the width
     ax.set_xlim(x[0] - pad, x[-1] + pad)
-    ax.set_ylim(floor, 108)  # room above 100 for the numbers on the bars
-    ax.set_yticks(np.arange(floor, 100.1, 10))
+    ax.set_ylim(0, 108 if across else 116)  # from 0 in every chart; room above 100 for the values
+    ax.set_yticks(np.arange(0, 100.1, 10))
     ax.set_ylabel("test AUROC (%)")
     fig.suptitle(wrap(title, FIGSIZE["table"][0]))
     # below the axes: a legend there covers no bar

@@ -28,6 +28,7 @@ import torch
 
 from checkpoint import save_tensors
 from cli import RunError, counted, named, note
+from layouts import IMAGENET_MEAN, IMAGENET_STD
 from writes import write_atomically
 
 # The settings that change what a run computes: a resumed run must share them. Paths are compared resolved, and
@@ -97,19 +98,37 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("_") or "_"
 
 
-def default_run_dir(backbone: str, teacher: str, data: str | None, cls: str, seed: int, image_size: int,
-                    limit: int | None, epochs: int, recipe_epochs: int) -> Path:
-    """runs/<backbone>-<teacher>[-<data folder>]-<class>-s<seed>, then what sets the run apart from the recipe:
-    -<S>px (image size other than 224), -limit<N>, -<E>ep (epochs other than the recipe's). So a quick check and the
-    real run never share a folder."""
+# What a default run folder's name adds, in this order, for each result-changing setting that differs from the
+# recipe (a flag left out takes the recipe's value): so a quick check, the real run, or the same run with another
+# batch size never share a folder. The device, --knn-k, --compile and the scoring batch size change no figure of
+# the student and are left out; `precision` is the --precision flag (auto, the machine's choice, adds nothing).
+NAME_PARTS = (("image_size", "{}px"), ("limit", "limit{}"), ("epochs", "{}ep"), ("batch_size", "batch{}"),
+              ("lr", "lr{:g}"), ("lam", "lam{:g}"), ("select", "select-{}"), ("precision", "{}"), ("plain", "plain"))
+
+
+def default_run_dir(backbone: str, teacher: str, data: str | None, cls: str, seed: int, settings: dict,
+                    recipe: dict) -> Path:
+    """runs/<backbone>-<teacher>[-<data folder>]-<class>-s<seed>, then each NAME_PARTS setting, and the teacher's
+    mean/std (norm_part), where `settings` (the flags, recipe values filled in) differ from `recipe` (each name's
+    value when its flag is left out), e.g. runs/vit-dino-cat-s0-32px-limit300-1ep-batch16."""
     parts = [slug(backbone), slug(teacher)] + ([slug(data)] if data else []) + [slug(cls), f"s{seed}"]
-    if image_size != 224:
-        parts.append(f"{image_size}px")
-    if limit:
-        parts.append(f"limit{limit}")
-    if epochs != recipe_epochs:
-        parts.append(f"{epochs}ep")
-    return Path("runs") / "-".join(parts)
+    for name, form in NAME_PARTS:
+        if settings[name] != recipe.get(name):
+            parts.append(form.format(settings[name]))
+    norm = [tuple(settings[k] or ()) != tuple(recipe.get(k) or ()) for k in ("teacher_mean", "teacher_std")]
+    if any(norm):
+        parts.append(norm_part(settings["teacher_mean"], settings["teacher_std"]))
+    return Path("runs") / slug("-".join(parts))
+
+
+def norm_part(mean, std) -> str:
+    """'imagenet-norm', or 'mean0.5-std0.5' (one value where all three channels agree), or
+    'mean0.4_0.5_0.6-std0.2' ...; a side left to the teacher's family is left out."""
+    if tuple(mean or ()) == IMAGENET_MEAN and tuple(std or ()) == IMAGENET_STD:
+        return "imagenet-norm"
+    def values(v):
+        return f"{v[0]:g}" if len(set(v)) == 1 else "_".join(f"{x:g}" for x in v)
+    return "-".join(f"{what}{values(v)}" for what, v in (("mean", mean), ("std", std)) if v)
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -126,27 +145,20 @@ class Run:
     def __str__(self):
         return str(self.path)
 
-    def open(self, settings: dict, resume: bool, overwrite: bool, finished_ok: bool = False) -> bool:
-        """Refuse to reuse the folder silently (another configuration, a finished or an unfinished run); returns
-        whether there is a saved state to continue from. finished_ok (one job of many): the same run, finished
-        with at least settings["epochs"], is reported as done instead of refused."""
+    def check(self, settings: dict, resume: bool, overwrite: bool, finished_ok: bool = False) -> str:
+        """What opening the folder will do, reading only: "new" (nothing saved), "overwrite", "restart" (--resume,
+        nothing saved yet), "resume" or "finished" (finished_ok: one job of many whose same run finished with at
+        least settings["epochs"]). Raises RunError where the folder cannot be used as asked: another
+        configuration, or this run (finished or not) without --resume or --overwrite."""
         run = self.path
         if run.exists() and not run.is_dir():
             raise RunError(f"--out {run} is a file, not a folder: choose another --out")
         if not (run / "config.json").exists():
-            if resume:
-                print(f"nothing saved in {run.resolve()} yet: starting this run from the beginning (to extend a run "
-                      f"trained for another number of epochs, pass its folder with --out: the default name carries "
-                      f"the epochs)")
-            run.mkdir(parents=True, exist_ok=True)
-            return False
-        if overwrite:
-            print(f"overwriting the run in {run} (--overwrite)")
-            for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
-                (run / f).unlink(missing_ok=True)
-            return False
+            return "restart" if resume else "new"
         if not_a_run(run):
             raise RunError(f"--out {run} is not a run folder: {not_a_run(run)}; choose another --out")
+        if overwrite:
+            return "overwrite"
         old = read_json(run / "config.json")["settings"]
         differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
         if differ and not resume:
@@ -158,16 +170,32 @@ class Run:
         if not resume:
             done = self.results()
             if finished_ok and done and done.get("epochs", 0) >= settings["epochs"]:
-                return True
+                return "finished"
             if done:
-                raise RunError(f"{run} already holds this finished run (results.json): evaluate.py re-evaluates it, "
+                n = done.get("epochs")
+                raise RunError(f"{run} already holds this finished run ({n} epoch{'s' * (n != 1)}): to train it "
+                               f"longer, --resume --out {run} with a larger --epochs; evaluate.py re-evaluates it; "
                                f"--overwrite trains it again")
             raise RunError(f"{run} already holds this run, unfinished: add --resume to continue it, or --overwrite "
                            f"to start again")
-        if not (run / "state.pt").exists():  # stopped before its first epoch ended: nothing to lose
+        return "resume" if (run / "state.pt").exists() else "restart"
+
+    def open(self, settings: dict, resume: bool, overwrite: bool, finished_ok: bool = False) -> bool:
+        """Refuse to reuse the folder silently (check), create it or clear it as asked; returns whether there is a
+        saved state to continue from (a finished run's, for finished_ok, included)."""
+        what, run = self.check(settings, resume, overwrite, finished_ok), self.path
+        if what == "restart" and not (run / "config.json").exists():
+            print(f"nothing saved in {run.resolve()} yet: starting this run from the beginning (to extend a run "
+                  f"trained for another number of epochs, pass its folder with --out: the default name carries "
+                  f"the epochs)")
+        elif what == "restart":  # stopped before its first epoch ended: nothing to lose
             print(f"no saved state in {run} yet: starting this run from the beginning")
-            return False
-        return True
+        elif what == "overwrite":
+            print(f"overwriting the run in {run} (--overwrite)")
+            for f in ("state.pt", "log.jsonl", "student.safetensors", "best.safetensors", "results.json"):
+                (run / f).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        return what in ("resume", "finished")
 
     def saved_config(self) -> dict | None:
         """config.json of the run saved here, or None (no run here yet, or a folder Run.open will refuse)."""

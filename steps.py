@@ -98,7 +98,7 @@ class EpochSteps:
 
     def __iter__(self):
         t0 = time.time()
-        with progress(self.batches, self.total - self.first, self.desc) as bar:
+        with progress(self.batches, self.total, self.desc, initial=self.first) as bar:
             for step, (idx, x) in enumerate(bar, start=self.first):
                 yield idx, x
                 self.seen += len(idx)
@@ -107,8 +107,7 @@ class EpochSteps:
                 if step % SHOW_EVERY == 0 or step + 1 == self.total:
                     bar.set_postfix_str(f"loss {self.losses[-1].item():.4f}", refresh=False)
                 if self.stop.requested and step + 1 < self.total:
-                    bar.n = step + 1 - self.first  # the bar's last line counts this step, as the message does
-                    bar.refresh()
+                    bar.n = step + 1  # the bar's last line, written as it closes, counts this step as the message
                     bar.close()
                     self.seconds += time.time() - t0
                     self.snaps.save(self.epoch, {"step": step + 1, "losses": self.all_losses(), "seen": self.seen,

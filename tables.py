@@ -73,12 +73,12 @@ def describe_group(cfg: dict, short=False) -> str:
         data = f"MVTec AD ({data})"
     teacher = t.get("short_name") or Path(t["name"]).name
     epochs = f"{s['epochs']} epoch" + "s" * (s["epochs"] != 1)
+    limit = f", limit {s['limit']}" if s["limit"] else ""  # not the protocol's test set: say so in every title
     if short:
-        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}"
+        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}{limit}"
     return (f"{s['backbone']}, teacher {teacher}, data {data}, {epochs}, batch {s['batch_size']}, "
-            f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px"
-            + (f", limit {s['limit']}" if s["limit"] else "") + (", selected by val AUROC" if
-                                                                  s["select"] == "val-auroc" else ""))
+            f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px{limit}"
+            + (", selected by val AUROC" if s["select"] == "val-auroc" else ""))
 
 
 def on_cifar10(cfg: dict) -> bool:

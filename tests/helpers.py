@@ -4,14 +4,21 @@ Nothing can be downloaded where the tests run, so every checkpoint layout this p
 layouts.py) is built here from the reference library's own module (torchvision, timm, transformers), in the key
 names that library publishes its files with.
 """
+import os
 import re
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 from safetensors.torch import save_file
+
+# CIFAR-10 as JPEGs in train/<class>/ and test/<class>/, for the tests on real images (they skip without it):
+# $KDAD_CIFAR10_JPEG, else shared/data/cifar10-jpeg beside the clone (where the build machines keep it)
+CIFAR10_JPEG = Path(os.environ.get("KDAD_CIFAR10_JPEG")
+                    or Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg")
 
 TINY_VIT = dict(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=128, mlp_dim=256)
 
@@ -175,8 +182,6 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def image_folder(root, classes=("ant", "bee", "cow"), n_train=30, n_test=10, size=32, seed=0) -> str:
     """A tiny image folder root/{train,test}/<class>/NNN.png. Each class has its own mean colour (so there is
     something to learn), and pixel (0, 0) holds (class, split, index): every image can be told apart."""
-    from pathlib import Path
-
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -202,7 +207,6 @@ class FakeHub:
         import hashlib
         import http.server
         import threading
-        from pathlib import Path
         self.root, self.mode, self.gets = Path(root), "whole", 0
         hub = self
 

@@ -9,9 +9,8 @@ import torchvision.transforms.v2.functional as TF
 import data
 import folders
 from data import ANOMALOUS, NORMAL, Augment, Preprocess, batches, center, random_augment, stratified_split
+from helpers import CIFAR10_JPEG as CIFAR_JPEG
 from helpers import image_folder
-
-CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
 
 def test_stratified_split_is_seeded_and_stratified():
@@ -96,7 +95,7 @@ def test_augment_slices_follow_the_order():
     assert part.top.tolist() == [1, 2] and part.left.tolist() == [2, 4] and part.flip.tolist() == [False, True]
 
 
-@pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason="../shared/data/cifar10-jpeg not present")
+@pytest.mark.skipif(not CIFAR_JPEG.is_dir(), reason="no CIFAR-10 JPEGs (KDAD_CIFAR10_JPEG)")
 def test_real_cifar10_folder():
     source = folders.open_source(CIFAR_JPEG, image_size=224)
     assert source.classes == list(data.CIFAR10_CLASSES) and source.normal_classes == list(range(10))

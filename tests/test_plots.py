@@ -34,11 +34,13 @@ def check_png(path, name):
 
 
 @pytest.mark.parametrize("backbone, maps", [("vit", "mismatch"), ("vgg", "mismatch"), ("vgg", "gradient")])
-def test_run_plots(runs, backbone, maps, drawn):
+def test_run_plots(runs, backbone, maps, drawn, capsys):
     run = runs[backbone]
     assert evaluate.main([str(run), "--plots", "--maps", maps]) == 0
-    for name in ("roc", "scores", "maps", "training"):
-        check_png(run / f"{name}.png", name)
+    for name in ("roc", "scores", f"maps-{maps}", "training"):  # each kind of map in its own file
+        check_png(run / f"{name}.png", name.split("-")[0])
+    assert not (run / "maps.png").exists()
+    assert f"wrote roc.png, scores.png, maps-{maps}.png, training.png in {run}" in capsys.readouterr().out
     assert len(drawn) == 4
     for fig in drawn:
         assert_texts_inside(fig)
@@ -48,15 +50,19 @@ def test_run_plots(runs, backbone, maps, drawn):
     assert "dark = low, bright = high" in drawn[2].get_suptitle()
 
 
-def test_table_chart(runs, tmp_path):
+def test_table_chart(runs, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     assert evaluate.main(["--table", str(runs["vit"]), "--table-out", str(tmp_path / "t")]) == 0
     check_png(tmp_path / "t.png", "table")
+    printed = capsys.readouterr().out
+    assert printed.count("wrote ") == 1 and printed.count(str(tmp_path / "t.png")) == 1  # each file said once
 
 
 def test_without_matplotlib(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert evaluate.main([str(runs["vit"]), "--plots"]) == 2
+    with pytest.raises(SystemExit) as stop:  # at once, with the flags (test_cli: before torch is imported)
+        evaluate.main([str(runs["vit"]), "--plots"])
+    assert stop.value.code == 2
     assert "pip install matplotlib" in capsys.readouterr().err.strip().splitlines()[-1]
     assert evaluate.main([str(runs["vit"])]) == 0  # everything else works
     assert evaluate.main(["--table", str(runs["vit"]), "--table-out", str(tmp_path / "t")]) == 0
@@ -87,9 +93,9 @@ def drawn(monkeypatch):
 
 def assert_texts_inside(fig):
     """Nothing drawn (title, labels, tick labels, legend, colour bar) is cut off at the figure's edge: the tight
-    box around all of it lies within the figure."""
-    fig.canvas.draw()
-    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+    box around all of it lies within the figure. `fig` was saved (the `drawn` fixture's figures are), so it is laid
+    out; measuring it needs no second drawing, which is what takes the time."""
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, as laid out when saved (no second drawing)
     w, h = fig.get_size_inches()
     tol = 1 / DPI
     assert box.x0 >= -tol and box.y0 >= -tol and box.x1 <= w + tol and box.y1 <= h + tol, (box, (w, h))
@@ -134,12 +140,34 @@ def test_long_titles_fit(drawn, tmp_path, name):
 
 
 def test_training_curve_of_one_epoch(drawn, tmp_path):
-    """One epoch is a point at epoch 1 on an axis of whole epochs, not an axis from 0.96 to 1.04."""
+    """One epoch is a point at epoch 1 on an axis of whole epochs, not an axis from 0.96 to 1.04; its two points
+    carry their values, and neither lies under the legend or on the axes' edge."""
     plots.training_png(tmp_path / "t.png", [{"epoch": 1, "loss": 5.42, "val_normal_loss": 5.34}], "one epoch")
-    ax = drawn[-1].axes[0]
+    fig = drawn[-1]
+    ax = fig.axes[0]
     lo, hi = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     assert hi - lo >= 1 and ticks == [1]
+    assert sorted(t.get_text() for t in ax.texts) == ["5.3400", "5.4200"]
+    fig.canvas.draw()
+    (legend,) = fig.legends + [ax.get_legend()] * (ax.get_legend() is not None)
+    box, axes_box = legend.get_window_extent(), ax.get_window_extent()
+    for line in ax.get_lines():
+        x, y = ax.transData.transform((line.get_xdata()[0], line.get_ydata()[0]))
+        assert not (box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1), "a point under the legend"
+        assert axes_box.y0 + 0.05 * axes_box.height < y < axes_box.y1 - 0.05 * axes_box.height, "a point on the edge"
+    assert_texts_inside(fig)
+
+
+def test_titles_wrap_between_phrases():
+    title = "test scores: vit student, teacher dinov2-focus, normal class 8 (ship)"  # 69 characters: two lines
+    assert plots.wrap(title, FIGSIZE["scores"][0]) == "test scores: vit student, teacher dinov2-focus,\n" \
+                                                      "normal class 8 (ship)"
+    for teacher in ("dino-vitb16", "vit-b16-cifar10 (saw CIFAR-10 labels)", LONG_TEACHER):
+        text = f"training: vit student, teacher {teacher}, normal class 3 (cat)"
+        lines = plots.wrap(text, FIGSIZE["training"][0]).splitlines()
+        assert lines[-1].endswith("normal class 3 (cat)") and not any(line.endswith("normal") for line in lines)
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing lost
 
 
 def bar_chart_rows(names, values, knn=None, published=None, std=None):
@@ -177,7 +205,11 @@ def test_bar_chart_layout(drawn, tmp_path, n):
     axes_height = ax.get_window_extent(r).height
     for b in bars:
         assert b.get_window_extent(r).height >= 0.1 * axes_height, "a bar is a sliver"
-    assert ax.get_ylim()[0] <= min(values) - 1.5 - 10 and ax.get_ylim()[0] % 10 == 0
+    assert ax.get_ylim()[0] == 0  # every chart alike: a bar's length is its AUROC
+    numbers = [t for t in ax.texts if t.get_text() != "n/a"]  # every bar carries its value, legibly
+    assert sorted(float(t.get_text()) for t in numbers) == sorted(round(b.get_height(), 1) for b in bars)
+    assert all(t.get_fontsize() >= 8 for t in ax.texts)
+    assert all(t.get_rotation() == 0 for t in numbers) == (n == 2)  # across the bar where it fits
     assert any(list(line.get_ydata()) == [50, 50] for line in ax.get_lines()), "no chance line"
     (legend,) = fig.legends + [a.get_legend() for a in fig.axes if a.get_legend()]
     box = legend.get_window_extent(r)
@@ -188,13 +220,6 @@ def test_bar_chart_layout(drawn, tmp_path, n):
     # the first class's and the mean's kNN, and the mean's published number
     assert [t.get_text() for t in ax.texts].count("n/a") == 2 + bool(published)
     assert_texts_inside(fig)
-
-
-def test_axis_floor():
-    assert plots.axis_floor([35.9, 39.6, 97]) == 20  # 35.9 gets a bar 15.9 points long
-    assert plots.axis_floor([96.8, 98.2]) == 40      # high bars: the chance line still has room
-    assert plots.axis_floor([4.0]) == 0
-    assert plots.axis_floor([40.0]) == 30
 
 
 def mask_arrays(n, size=64):

@@ -198,8 +198,33 @@ def test_default_run_folders_tell_runs_apart(files, tmp_path, monkeypatch):
     assert train.main(quick) == 0
     assert train.main(quick[:-2]) == 0  # the same without --limit: another folder, not a refusal
     assert train.main(quick[:2] + ["--cls", "1"] + quick[4:-2] + ["--resume"]) == 0  # index 1 = bee: same run
+    assert train.main(quick + ["--batch-size", "16"]) == 0  # another batch size: its own folder too
     names = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert names == ["vit-vit-data-bee-s0-32px-1ep", "vit-vit-data-bee-s0-32px-limit20-1ep"]
+    assert names == ["vit-vit-data-bee-s0-32px-1ep", "vit-vit-data-bee-s0-32px-limit20-1ep",
+                     "vit-vit-data-bee-s0-32px-limit20-1ep-batch16"]
+
+
+def test_run_folders_are_checked_before_the_teacher_and_the_data(files, tmp_path, monkeypatch, capsys):
+    import jobs
+    out = tmp_path / "r"
+    assert train.main(argv_for(files, out)) == 0
+    capsys.readouterr()
+
+    def slow_work(*args, **kwargs):
+        raise AssertionError("the teacher was loaded or images decoded before the run folder was checked")
+    monkeypatch.setattr(jobs, "load_teacher", slow_work)
+    monkeypatch.setattr(jobs, "one_class_data", slow_work)
+    assert train.main(argv_for(files, out, "vit", "--batch-size", "16")) == 2
+    assert "another configuration (batch_size differ)" in capsys.readouterr().err
+    assert train.main(argv_for(files, out)) == 2  # the same finished run: how to extend it comes first
+    last = capsys.readouterr().err.strip()
+    assert f"already holds this finished run (1 epoch): to train it longer, --resume --out {out} with a larger " \
+           f"--epochs" in last and "--overwrite" in last
+    (tmp_path / "all" / "1-bee").mkdir(parents=True)  # one class of a --cls all folder holds another run
+    (tmp_path / "all" / "1-bee" / "config.json").write_text((out / "config.json").read_text())
+    assert train.main(argv_for(files, tmp_path / "all", "vit", "--lr", "1e-4", cls="all")) == 2
+    assert f"{tmp_path / 'all' / '1-bee'} already holds a run of another configuration" in capsys.readouterr().err
+    assert not (tmp_path / "all" / "0-ant").exists()  # no job started
 
 
 def test_teacher_names_for_runs():
@@ -211,10 +236,29 @@ def test_teacher_names_for_runs():
     assert name("t/mine/model.safetensors", Path("t/mine/model.safetensors"), None) == "mine"
     assert name("t/dino.safetensors", Path("t/dino.safetensors"), None) == "dino"
     assert name("vgg16", Path("/c/vgg16-123.safetensors"), "vgg16") == "vgg16"
-    default = record.default_run_dir("vit", "dino", None, "cat", 0, 224, None, 10, 10)
-    assert default == Path("runs/vit-dino-cat-s0")
-    assert record.default_run_dir("vit", "dino", "pets", "cat", 1, 32, 300, 1, 10) == \
+    assert record.default_run_dir("vit", "dino", None, "cat", 0, RECIPE, RECIPE) == Path("runs/vit-dino-cat-s0")
+    quick = RECIPE | {"image_size": 32, "limit": 300, "epochs": 1}
+    assert record.default_run_dir("vit", "dino", "pets", "cat", 1, quick, RECIPE) == \
         Path("runs/vit-dino-pets-cat-s1-32px-limit300-1ep")
+
+
+RECIPE = {"image_size": 224, "limit": None, "epochs": 10, "batch_size": 128, "lr": 5e-5, "lam": 0.01,
+          "select": "final", "precision": "auto", "plain": False, "teacher_mean": None, "teacher_std": None}
+
+
+@pytest.mark.parametrize("changed, part", [
+    ({"batch_size": 16}, "batch16"), ({"lr": 1e-4}, "lr0.0001"), ({"lam": 0.5}, "lam0.5"),
+    ({"select": "val-auroc"}, "select-val-auroc"), ({"precision": "fp32"}, "fp32"), ({"plain": True}, "plain"),
+    ({"teacher_mean": [0.485, 0.456, 0.406], "teacher_std": [0.229, 0.224, 0.225]}, "imagenet-norm"),
+    ({"teacher_mean": [0.5, 0.5, 0.5], "teacher_std": [0.5, 0.5, 0.5]}, "mean0.5-std0.5"),
+    ({"teacher_mean": [0.4, 0.5, 0.6]}, "mean0.4_0.5_0.6"),
+])
+def test_default_names_carry_each_setting_that_differs_from_the_recipe(changed, part):
+    assert record.default_run_dir("vit", "dino", None, "cat", 0, RECIPE | changed, RECIPE) == \
+        Path(f"runs/vit-dino-cat-s0-{part}")
+    mvtec_vgg = RECIPE | {"image_size": 128, "teacher_mean": (0.0,) * 3, "teacher_std": (1.0,) * 3}
+    assert record.default_run_dir("vgg", "vgg16", "mvtec", "all", 0, mvtec_vgg | {"teacher_mean": [0.0] * 3},
+                                  mvtec_vgg) == Path("runs/vgg-vgg16-mvtec-all-s0")  # the recipe's own values
 
 
 def test_training_speed_is_all_images_over_all_seconds(files, tmp_path):
@@ -255,6 +299,7 @@ def test_no_published_figures_beside_a_limited_run(tmp_path):
     (run / "config.json").write_text(json.dumps(config))
     (group,) = tables.tables([run])
     assert group["published_label"] is None and group["rows"][0]["published"] is None
+    assert group["chart_title"].endswith(", limit 300") and ", limit 300" in group["title"]
 
 
 def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsys):
@@ -267,7 +312,7 @@ def test_a_finished_job_among_many_is_reported_not_failed(files, tmp_path, capsy
 
 
 def test_default_names_can_be_pasted_into_a_shell():
-    assert record.default_run_dir("vit", "my teacher", "My Pets", "My Cat", 0, 224, None, 10, 10) == \
+    assert record.default_run_dir("vit", "my teacher", "My Pets", "My Cat", 0, RECIPE, RECIPE) == \
         Path("runs/vit-my_teacher-My_Pets-My_Cat-s0")
 
 

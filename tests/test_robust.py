@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("files")
     return {"data": image_folder(d / "data"), "vit": vit_teacher_file(d / "vit.safetensors"),
-            "vgg": vgg16_file(d / "vgg.safetensors"), "dir": d}
+            "vgg": vgg16_file(d / "vgg.safetensors"), "dir": d,
+            "small": image_folder(d / "small", n_train=10, n_test=4)}  # 9 bee images: 3 steps of 4 an epoch
 
 
 def argv_for(files, out, backbone="vit", *extra, teacher=None, data=None, cls="bee"):
@@ -238,16 +239,16 @@ def same_weights(a, b):
 
 @pytest.mark.parametrize("backbone", ["vit", "vgg"])
 def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch, backbone):
-    extra = ["--epochs", "3", "--batch-size", "4"]  # 27 images: 7 steps per epoch
-    assert cli(argv_for(files, tmp_path / "straight", backbone, *extra)) == 0
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 9 images: 3 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", backbone, *extra, data=files["small"])) == 0
     out = tmp_path / "stopped"
-    interrupt_at(monkeypatch, 10)  # epoch 2, step 3
-    last = fails(capsys, argv_for(files, out, backbone, *extra), "interrupted at epoch 2, step 3",
+    interrupt_at(monkeypatch, 5)  # epoch 2, step 2
+    last = fails(capsys, argv_for(files, out, backbone, *extra, data=files["small"]), "interrupted at epoch 2, step 2",
                  "saved a resumable state", "--resume", code=130)
     assert str(out / "state.pt") in last
     assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
-    assert cli(argv_for(files, out, backbone, *extra, "--resume")) == 0
+    assert cli(argv_for(files, out, backbone, *extra, "--resume", data=files["small"])) == 0
     assert same_weights(weights(tmp_path / "straight"), weights(out))
     losses = [[json.loads(line)["loss"] for line in (p / "log.jsonl").read_text().splitlines()]
               for p in (tmp_path / "straight", out)]
@@ -255,13 +256,14 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(files, tmp_pat
 
 
 def test_ctrl_c_on_the_last_step_of_an_epoch(files, tmp_path, capsys, monkeypatch):
-    extra = ["--epochs", "3", "--batch-size", "4"]  # 7 steps per epoch
-    assert cli(argv_for(files, tmp_path / "straight", "vit", *extra)) == 0
+    extra = ["--epochs", "3", "--batch-size", "4"]  # 9 images: 3 steps per epoch
+    assert cli(argv_for(files, tmp_path / "straight", "vit", *extra, data=files["small"])) == 0
     out = tmp_path / "stopped"
-    interrupt_at(monkeypatch, 7)  # the last step of epoch 1: the epoch ends, is saved, then the run stops
-    fails(capsys, argv_for(files, out, "vit", *extra), "interrupted after epoch 1", "--resume", code=130)
+    interrupt_at(monkeypatch, 3)  # the last step of epoch 1: the epoch ends, is saved, then the run stops
+    fails(capsys, argv_for(files, out, "vit", *extra, data=files["small"]), "interrupted after epoch 1", "--resume",
+          code=130)
     monkeypatch.undo()
-    assert cli(argv_for(files, out, "vit", *extra, "--resume")) == 0
+    assert cli(argv_for(files, out, "vit", *extra, "--resume", data=files["small"])) == 0
     assert same_weights(weights(tmp_path / "straight"), weights(out))
 
 
@@ -276,6 +278,37 @@ def test_all_classes_resume_after_an_interruption(files, tmp_path, capsys, monke
     printed = capsys.readouterr().out
     assert "class 0 (ant) already finished" in printed and "resuming" in printed and "| mean |" in printed
     assert all((out / c / "results.json").is_file() for c in ("0-ant", "1-bee", "2-cow"))
+
+
+def test_the_last_progress_line_counts_the_steps_the_stop_message_counts(monkeypatch):
+    """A resumed epoch (7 steps, 3 done before) interrupted during its 5th step: the last progress line written
+    to a log says 5/7, as the message says step 5."""
+    import io
+    from argparse import Namespace
+    from functools import partial
+
+    import cli as cli_module
+    import steps
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(steps, "progress", partial(cli_module.progress, interval=0))
+
+    class Snaps:
+        state = {"partial": {"step": 3, "losses": [1.0] * 3, "seen": 6, "seconds": 1.0}}
+
+        def save(self, epoch, partial):
+            pass
+
+        def kept(self, interrupted):
+            return "saved"
+    stop = steps.Interrupt()
+    epoch = steps.EpochSteps(((torch.arange(2), None) for _ in range(4)), 14, Namespace(batch_size=2, epochs=1), 0,
+                             Snaps(), stop)
+    with pytest.raises(steps.Stop, match="interrupted at epoch 1, step 5;"):
+        for step, _ in enumerate(epoch, start=4):
+            epoch.log(torch.tensor(1.0))
+            stop.requested = step == 5
+    assert " 5/7 " in log.getvalue().strip().splitlines()[-1]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(files, tmp_path, capsys, monkeypatch):
@@ -367,7 +400,9 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     """Ctrl-C ends the process with one line and a resumable state; SIGKILL at any moment leaves the last
     state.pt loadable; --resume then gives exactly the weights of an uninterrupted run."""
     out = tmp_path / "killed"
-    argv = [sys.executable, str(ROOT / "train.py"), *argv_for(files, out, "vit", "--batch-size", "2")]
+    def argv_of(out, *extra):  # 9 images in batches of 2: 5 steps an epoch
+        return argv_for(files, out, "vit", "--batch-size", "2", "--knn-k", "0", *extra, data=files["small"])
+    argv = [sys.executable, str(ROOT / "train.py"), *argv_of(out)]
     argv[argv.index("--epochs") + 1] = "200"
 
     def start_and_wait_for_epochs(n):
@@ -400,10 +435,10 @@ def test_sigint_and_sigkill_of_a_real_process(files, tmp_path):
     assert epoch >= 3 - 1  # the state written before the kill is whole and loadable
 
     # finish the killed run at epoch + 1 and compare with a run that was never interrupted
-    resume = argv_for(files, out, "vit", "--batch-size", "2", "--resume")
+    resume = argv_of(out, "--resume")
     resume[resume.index("--epochs") + 1] = str(epoch + 1)
     assert cli(resume) == 0
-    straight = argv_for(files, tmp_path / "straight", "vit", "--batch-size", "2")
+    straight = argv_of(tmp_path / "straight")
     straight[straight.index("--epochs") + 1] = str(epoch + 1)
     assert cli(straight) == 0
     assert same_weights(weights(out), weights(tmp_path / "straight"))

@@ -132,12 +132,15 @@ def run_class(args, source, cls, teacher, teacher_info, device, precision, run: 
 ## The teacher, and the command line.
 
 def describe(teacher) -> str:
-    """'huggingface-dinov2 ViT, 12 blocks, width 384, 6 heads, patch 14, at 112 px': one short line."""
+    """'huggingface-dinov2 ViT, 12 blocks, width 384, 6 heads (config.json), patch 14, at 112 px': one short line,
+    saying where the head count came from (a file beside the checkpoint, --teacher-heads, or assumed)."""
     c = teacher.cfg
     if hasattr(c, "patch_size"):
+        said = getattr(teacher, "described", {}).get("heads", "assumed")
         registers = f", {c.registers} registers" if c.registers else ""
-        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {c.heads} heads, patch {c.patch_size}"
-                f"{registers}, at {c.image_size} px")
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {c.heads} heads "
+                f"({'assumed' if said.startswith('assumed') else said}), patch {c.patch_size}{registers}, at "
+                f"{c.image_size} px")
     return f"VGG16, stage widths {' '.join(map(str, teacher.stage_channels))}"
 
 
@@ -165,8 +168,8 @@ def load_found_teacher(args, found, info: dict, device):
         print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: set by --teacher-mean/--teacher-std or the recipe")
     elif "mean" in said:
         print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: from {said['mean']}")
-    if said.get("heads", "").startswith("assumed"):
-        print(f"  note: {c.heads} heads {said['heads']} (no file says); --teacher-heads N sets it")
+    if said.get("heads", "").startswith("assumed"):  # "assumed: 64 dims per head, as published ViTs have"
+        print(f"  note: heads {said['heads']}; no file beside the checkpoint says: --teacher-heads N sets it")
     if info["label_leak"]:
         print("  note: fine-tuned on CIFAR-10 labels of all ten classes, it has seen the anomalies; label-free: "
               "--teacher dino-vitb16")

@@ -213,7 +213,7 @@ def test_run_folders_are_checked_before_the_teacher_and_the_data(files, tmp_path
     def slow_work(*args, **kwargs):
         raise AssertionError("the teacher was loaded or images decoded before the run folder was checked")
     monkeypatch.setattr(jobs, "load_teacher", slow_work)
-    monkeypatch.setattr(jobs, "one_class_data", slow_work)
+    monkeypatch.setattr(jobs, "data_as_recorded", slow_work)
     assert train.main(argv_for(files, out, "vit", "--batch-size", "16")) == 2
     assert "another configuration (batch_size differ)" in capsys.readouterr().err
     assert train.main(argv_for(files, out)) == 2  # the same finished run: how to extend it comes first

@@ -154,7 +154,7 @@ def test_teacher_mean_and_std_are_used_and_kept(files, tmp_path, capsys):
     assert run(files, out, "vit", "--teacher-mean", "0.5", "0.5", "0.5", "--teacher-std", "0.5", "0.5", "0.5") == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("teacher: ") and printed[0].endswith(": torchvision ViT, 3 blocks, width 128, "
-                                                                      "patch 8, at 32 px")
+                                                                      "2 heads (assumed), patch 8, at 32 px")
     assert printed[1] == "  input mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5): set by --teacher-mean/--teacher-std or " \
                          "the recipe"
     config = json.loads((out / "config.json").read_text())

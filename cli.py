@@ -16,7 +16,8 @@ import signal
 import sys
 from contextlib import nullcontext
 
-from checkpoint import DEFAULT_TEACHER, PRESETS, CheckpointError, check_offline
+from checkpoint import CheckpointError
+from hub import DEFAULT_TEACHER, PRESETS, check_offline
 
 
 NO_MATPLOTLIB = "--plots needs matplotlib, which is not installed: pip install matplotlib"

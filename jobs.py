@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 import cli
-from checkpoint import DEFAULT_TEACHER, CheckpointError, read_header, resolve_teacher, sha256
+from checkpoint import CheckpointError, read_header, sha256
+from hub import DEFAULT_TEACHER, resolve_teacher
 from cli import RunError, note, pick_device, pick_precision, set_numerics
 from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
@@ -138,14 +139,14 @@ def describe(teacher) -> str:
     if hasattr(c, "patch_size"):
         said = getattr(teacher, "described", {}).get("heads", "assumed")
         registers = f", {c.registers} registers" if c.registers else ""
-        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {c.heads} heads "
+        return (f"{teacher.layout} ViT, {c.depth} blocks, width {c.width}, {c.heads} head{'s' * (c.heads != 1)} "
                 f"({'assumed' if said.startswith('assumed') else said}), patch {c.patch_size}{registers}, at "
                 f"{c.image_size} px")
     return f"VGG16, stage widths {' '.join(map(str, teacher.stage_channels))}"
 
 
 def find_teacher(args) -> tuple:
-    """Fetch (or find in the cache) the teacher file and say what it is, without loading it: (checkpoint.Teacher,
+    """Fetch (or find in the cache) the teacher file and say what it is, without loading it: (hub.Teacher,
     its identity for config.json: name, short name, preset, origin, path, sha256, label leak)."""
     found = resolve_teacher(args.teacher, args.cache_dir)
     info = {"name": args.teacher, "short_name": teacher_name(args.teacher, found.path, found.preset),
@@ -169,7 +170,7 @@ def load_found_teacher(args, found, info: dict, device):
     elif "mean" in said:
         print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: from {said['mean']}")
     if said.get("heads", "").startswith("assumed"):  # "assumed: 64 dims per head, as published ViTs have"
-        print(f"  note: heads {said['heads']}; no file beside the checkpoint says: --teacher-heads N sets it")
+        print(f"  note: heads {said['heads']}; --teacher-heads N if this file has others")
     if info["label_leak"]:
         print("  note: fine-tuned on CIFAR-10 labels of all ten classes, it has seen the anomalies; label-free: "
               "--teacher dino-vitb16")

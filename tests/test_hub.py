@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+from hub import hub_download
 import train
 from helpers import FakeHub, image_folder, torchvision_vit, tv_to_hf, vit_teacher_file
 
@@ -158,15 +159,15 @@ def test_a_cache_without_refs_main_is_still_a_cache(files, tmp_path, monkeypatch
     snap = repo_dir / "snapshots" / FakeHub.COMMIT / "model.safetensors"
     snap.parent.mkdir(parents=True)
     snap.write_bytes(Path(files["vit"]).read_bytes())
-    assert checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
+    assert hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
     err = capsys.readouterr().err
     assert "has no refs/main" in err and f"only snapshot that holds model.safetensors, {FakeHub.COMMIT}" in err
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text("f" * 40)  # names a snapshot that is not there
-    assert checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
+    assert hub_download(DINO_REPO, "model.safetensors", "main", cache) == snap
     other = repo_dir / "snapshots" / ("e" * 40) / "model.safetensors"
     other.parent.mkdir()
     other.write_bytes(snap.read_bytes())
     with pytest.raises(checkpoint.CheckpointError, match=r"holds model.safetensors in 2 snapshots of .* "
                        r"\(0123456789ab, eeeeeeeeeeee\) but no refs/main says which is main: pass one with --teacher"):
-        checkpoint.hub_download(DINO_REPO, "model.safetensors", "main", cache)
+        hub_download(DINO_REPO, "model.safetensors", "main", cache)

@@ -1,4 +1,4 @@
-"""The one-class protocol (the paper's section 4.1 on CIFAR-10): which images are normal, which are held out, which
+"""The one-class protocol on CIFAR-10 (and any image folder): which images are normal, which are held out, which
 are scored, and the preprocessing each batch gets.
 
 - a seeded, stratified 10% of the *training* split is held out as validation (all classes, labelled);
@@ -135,7 +135,6 @@ class OneClassData:
         return {"class_folder": self.class_name, "val_anomalous": self.val_anomalous,
                 "test_anomalous": self.test_anomalous, "left_out": [list(p) for p in self.left_out],
                 "notes": self.notes}
-
 
 
 def one_class_data(source, cls, seed=0, limit=None, val_fraction=0.1) -> OneClassData:

@@ -1,7 +1,7 @@
 """Train a KDAD student on one normal class, then score the validation and test images once.
 
 "Multiresolution Knowledge Distillation for Anomaly Detection" (Salehi et al., CVPR 2021, arXiv 2011.11108),
-section 3.3 and the paper's code: the student learns, from normal images only, to reproduce the frozen teacher's
+and the paper's code: the student learns, from normal images only, to reproduce the frozen teacher's
 features (distill.py); its failure to do so on a new image is that image's anomaly score.
 
     python train.py --backbone vit --cls 3                      # the ViT reproduction's recipe, class 3 (cat)

@@ -1,6 +1,6 @@
-"""The teacher-feature cache of the VGG recipes: with no augmentation the frozen teacher gives every image the same
-features in every epoch, so they are computed once and training (and the per-epoch validation loss) reads them
-(train.fit).
+"""The teacher-feature cache of the recipes without augmentation (VGG; the ViT on MVTec AD): the frozen teacher then
+gives every image the same features in every epoch, so they are computed once and training (and the per-epoch
+validation loss) reads them (train.fit).
 
 Plumbing beside train.py: where the cache fits is decided here, by a pure function of the sizes (placement):
 on the training device when it takes under half of the device's free memory; else, for a GPU, in host memory

@@ -107,10 +107,6 @@ def strip_wrapper_prefix(tensors: dict) -> dict:
     return tensors
 
 
-def read_metadata(path) -> dict:
-    return read_header(path).get("__metadata__", {})
-
-
 def _few(keys, n=4) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")

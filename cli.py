@@ -122,9 +122,9 @@ def train_parser() -> OneLineParser:
     g.add_argument("--knn-k", type=int, default=2,
                    help="neighbours of the teacher-alone kNN baseline scored beside KDAD (default: 2; 0 skips it)")
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>-<class>-s<seed>, plus every "
-                                 "setting that changes the result and is not the recipe's, e.g. -32px-limit300-1ep-"
-                                 "batch16; with several seeds, OUT/s<seed>)")
+    g.add_argument("--out", help="run folder (default: runs/<backbone>-<teacher>[-<data folder>]-<class>-s<seed>, "
+                                 "plus every setting that changes the result and is not the recipe's, e.g. -32px-"
+                                 "limit300-1ep-batch16; with several seeds, OUT/s<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
@@ -136,7 +136,8 @@ def train_parser() -> OneLineParser:
                    help="deterministic kernels (slower on a GPU): the same command then gives the same weights "
                         "run after run on the same GPU; the CPU is deterministic without it")
     g.add_argument("--compile", action="store_true", help="torch.compile teacher and student")
-    g.add_argument("--no-cache", action="store_true", help="recompute the teacher's features every epoch (vgg)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the teacher's features every epoch (the "
+                   "recipes without augmentation: vgg, and vit on MVTec AD)")
     g.add_argument("--plain", action="store_true", help="the slow reference path (PIL per image, written-out "
                    "attention, no cache), to check that the fast path computes the same thing")
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for scoring (default: 256)")
@@ -326,7 +327,7 @@ def autocast(device, precision: str):
 ## 2^-26 for the ViT recipe (batch 128, 224 px), 2^-21 for VGG (batch 64); unscaled, fp16 flushes 57% of the ViT's
 ## to zero. 2^17 leaves none flushed (under 0.01%), and keeps the largest gradient measured (9.1e-2, VGG's first
 ## step; DINOv2 ViT-S/14 5.7e-2) at 11,900, 5.5 times below fp16's 65,504. Growing it every 100 good steps instead
-## of PyTorch's 2,000 lets it grow three times in the ViT recipe's 352 steps, at most one skipped step each.
+## of PyTorch's 2,000 lets it grow three times in the ViT recipe's 360 steps, at most one skipped step each.
 GRAD_SCALE = {"init_scale": 2.0**17, "growth_interval": 100}
 
 

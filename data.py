@@ -9,7 +9,8 @@ are scored, and the preprocessing each batch gets.
 Images are kept as one uint8 tensor per split (CIFAR-10 is 180 MB as uint8) on the training device, and the
 recipe's preprocessing (resize 32 -> 256, crop 224, flip, normalise with the teacher's mean/std) runs on whole
 batches there (`Preprocess`). `PerImageDataset` is the plain path the reference code takes (PIL per image in
-DataLoader workers); the two compute the same images, which tests/test_data.py checks.
+DataLoader workers); the two compute the same images to within one grey level (PIL resizes in fixed point),
+which tests/test_data.py checks.
 
 Read in order: one_class_data (the split), then Preprocess and batches. Where the images come from (image folders
 read as a person sees them, torchvision's CIFAR-10, MVTec AD) is folders.py's and mvtec.py's, which a first reading
@@ -137,7 +138,10 @@ class OneClassData:
                 "notes": self.notes}
 
 
-def one_class_data(source, cls, seed=0, limit=None, val_fraction=0.1) -> OneClassData:
+VAL_FRACTION = 0.1  # of every class of the training set, held out for validation (the protocol)
+
+
+def one_class_data(source, cls, seed=0, limit=None, val_fraction=VAL_FRACTION) -> OneClassData:
     """The protocol's three splits for normal class `cls` (any --cls form, see folders.class_index). Validation may
     hold no anomalous image (train/ with the normal class only); the test split must hold both kinds. For MVTec AD,
     `cls` is a category: its good/ images are normal, every defect folder anomalous, and test_masks holds the

@@ -58,7 +58,14 @@ def tapped(features: list, indices: tuple) -> list:
 
 
 ## --------------------------------------------------------------------------------------------------------
-## Loss and score, written once.
+## Loss, score and map: one formula, written once.
+
+def mismatch(s: torch.Tensor, t: torch.Tensor, lam: float, dim: int) -> torch.Tensor:
+    """(1 - cos(s, t)) + lam * mean((s - t)^2), both taken along `dim` (the "direction" and "value" terms)."""
+    direction = 1 - F.cosine_similarity(s, t, dim=dim)
+    value = (s - t).pow(2).mean(dim=dim)
+    return direction + lam * value
+
 
 def anomaly_score(student_feats: list, teacher_feats: list, lam: float = LAMBDA) -> torch.Tensor:
     """Per-image score (B,): sum over tapped pairs of (1 - cos) + lam * mean squared difference. Higher = more
@@ -66,9 +73,7 @@ def anomaly_score(student_feats: list, teacher_feats: list, lam: float = LAMBDA)
     score = 0.0
     for s, t in zip(student_feats, teacher_feats, strict=True):
         s, t = s.float().flatten(1), t.float().flatten(1)  # (B, C*H*W) for VGG, (B, tokens*D) for ViT
-        direction = 1 - F.cosine_similarity(s, t, dim=1)
-        value = (s - t).pow(2).mean(dim=1)
-        score = score + direction + lam * value
+        score = score + mismatch(s, t, lam, dim=1)
     return score
 
 
@@ -95,9 +100,7 @@ def location_scores(s: torch.Tensor, t: torch.Tensor, lam: float = LAMBDA) -> to
     s, t = s.float(), t.float()
     if s.dim() == 4:
         s, t = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, L, C)
-    direction = 1 - F.cosine_similarity(s, t, dim=-1)                    # (B, L)
-    value = (s - t).pow(2).mean(-1)                                      # (B, L)
-    return direction + lam * value
+    return mismatch(s, t, lam, dim=-1)                                   # (B, L)
 
 
 def anomaly_map(student_feats: list, teacher_feats: list, size: int, lam: float = LAMBDA, prefix: int = 0):
@@ -144,8 +147,6 @@ class KDAD:
             teacher_feats = self.teacher_features(x, t_idx)
         return anomaly_score(tapped(self.student(x), s_idx), teacher_feats, self.lam)
 
-
-
     def anomaly_map(self, x) -> torch.Tensor:
         """(B, S, S) mismatch map over the score taps for a preprocessed batch x of size S (anomaly_map)."""
         prefix = 1 + self.teacher.cfg.registers if hasattr(self.teacher.cfg, "registers") else 0
@@ -153,7 +154,8 @@ class KDAD:
         return anomaly_map(s, self.teacher_features(x, self.taps.score_teacher), x.shape[-1], self.lam, prefix)
 
     def gradient_map(self, x, sigma: float = 4.0) -> torch.Tensor:
-        """(B, S, S) the paper's localisation, as its code computes it (test_functions.py, vanilla gradients):
+        """(B, S, S) the paper's localisation, as its code computes it with `localization_method: gradients`
+        (test_functions.py; the code also offers smoothed and guided-backprop gradients, guided its config's default):
         |d score / d pixel| summed over the colour channels, scaled per image to [0, 1] by its minimum and 99th
         percentile (clipped), then Gaussian-smoothed (sigma 4 px). Gradients flow through both networks."""
         x = x.detach().clone().requires_grad_(True)

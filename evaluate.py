@@ -14,6 +14,7 @@ Read in order: score_images and auroc (train.py scores with them too, so trainin
 come from the same code), then the localisation metrics. The tables are tables.py's.
 """
 import sys
+import time
 
 import cli
 
@@ -79,7 +80,8 @@ def score_images(kdad: KDAD, images, prep: Preprocess, amp, batch_size=256, trai
     """Per-image anomaly scores (N,) float32 on the CPU of uint8 images (N, 3, h, w), center-cropped, teacher and
     student in one pass per batch (KDAD.score); train_taps=True gives the per-image training loss instead, with
     the teacher's features read from `cache` (cache.FeatureCache of these images) when given. The scores stay on
-    the device until the last batch (one wait at the end, not one per batch)."""
+    the device until the last batch (one wait at the end, not one per batch). Inside knn.recorded, a forward hook
+    on the teacher also keeps each image's feature for the kNN baseline; scoring itself does not know."""
     kdad.student.eval()
     parts = over_images(lambda idx, x: kdad.score(x, train_taps, cache.features(idx) if cache else None).float(),
                         images, prep, amp, batch_size, "scoring", plain)
@@ -114,7 +116,7 @@ def auroc(scores, labels, what: str = "anomaly scores") -> float | None:
 
 ## --------------------------------------------------------------------------------------------------------
 ## Localisation (MVTec AD): anomaly maps against the defect masks. Maps and masks are compared at the network's input
-## resolution (the crop, S x S pixels): the masks are brought there by the images' own geometry (data.mvtec_masks).
+## resolution (the crop, S x S pixels): the masks are brought there by the images' own geometry (mvtec.mvtec_masks).
 
 PRO_FPR_LIMIT = 0.3  # the MVTec AD authors' integration limit
 
@@ -187,6 +189,29 @@ def localisation(kdad: KDAD, data, prep: Preprocess, amp, batch_size=32) -> dict
         maps = anomaly_maps(kdad, data.test, prep, amp, kind, batch_size)
         out |= {f"pixel_auroc{suffix}": pixel_auroc(maps, masks), f"pro{suffix}": pro_score(maps, masks)}
     return out
+
+
+## --------------------------------------------------------------------------------------------------------
+## The figures of a trained student, as train.py reports them and evaluate.py recomputes them.
+
+def final_scores(kdad: KDAD, data, prep: Preprocess, amp, batch_size=256, knn_k=0, plain=False, cache=None):
+    """(figures, test scores (N,) float32): validation and test AUROC of one scoring pass each, the teacher-alone
+    kNN baseline's AUROCs beside (knn_k > 0; its features come from the same teacher passes, knn.recorded) and, on
+    MVTec AD, the localisation metrics; figures["score_images_per_s"] is the speed of the two scoring passes.
+    Raises NonFinite where scores or features are NaN/inf."""
+    import knn  # knn.py builds on this module's scoring
+    t0 = time.time()
+    with knn.recorded(kdad) as features:  # the baseline keeps the teacher's image features of these same passes
+        val = score_images(kdad, data.val, prep, amp, batch_size, plain=plain)
+        test = score_images(kdad, data.test, prep, amp, batch_size, plain=plain)
+    out = {"val_auroc": auroc(val, data.val_labels.cpu(), "validation scores"),
+           "test_auroc": auroc(test, data.test_labels.cpu(), "test scores"),
+           "score_images_per_s": (len(val) + len(test)) / (time.time() - t0)}
+    if knn_k:
+        out |= knn.baseline(kdad, data, prep, amp, knn_k, features, batch_size, cache, plain)
+    if data.test_masks is not None:  # MVTec AD: where the defects are, against the masks
+        out |= localisation(kdad, data, prep, amp)
+    return out, test
 
 
 ## --------------------------------------------------------------------------------------------------------
@@ -263,18 +288,9 @@ def evaluate_run(run_dir, device, precision=None, plots=None, batch_size=256) ->
     """Recompute val/test AUROC of a finished run and print them beside results.json's; plots = None, "mismatch"
     or "gradient" (the kind of anomaly map drawn)."""
     cfg, kdad, data, prep, amp = load_run(run_dir, device, precision)
-    import knn  # knn.py builds on this module's scoring
-    plain, k = cfg["settings"].get("plain", False), cfg["settings"].get("knn_k", 0)
-    with knn.recorded(kdad) as features:  # the teacher-alone baseline's features, from the same passes
-        val = score_images(kdad, data.val, prep, amp, batch_size, plain=plain)
-        test = score_images(kdad, data.test, prep, amp, batch_size, plain=plain)
-    out = {"val_auroc": auroc(val, data.val_labels.cpu(), "validation scores"),
-           "test_auroc": auroc(test, data.test_labels.cpu(), "test scores")}
-    if k:  # the teacher-alone baseline, its training features from a teacher pass over the training images
-        out |= {key: v for key, v in knn.baseline(kdad, data, prep, amp, k, features, batch_size, plain=plain).items()
-                if key.endswith("auroc")}
-    if data.test_masks is not None:
-        out |= localisation(kdad, data, prep, amp)
+    s = cfg["settings"]
+    figures, test = final_scores(kdad, data, prep, amp, batch_size, s.get("knn_k", 0), s.get("plain", False))
+    out = {key: v for key, v in figures.items() if key.endswith(("auroc", "pro", "mismatch"))}  # not the timings
     saved = read_json(Path(run_dir) / "results.json") if (Path(run_dir) / "results.json").is_file() else {}
     for key, v in out.items():
         print(f"{key}: {fmt(v, 4, 1)}" + (f"  (results.json: {fmt(saved[key], 4, 1)})" if key in saved else ""))

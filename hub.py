@@ -27,12 +27,13 @@ class Preset:
     repo: str      # Hugging Face repository
     filename: str  # file in that repository (a .bin is converted to safetensors once)
     note: str
+    saw_cifar10_labels: bool = False  # fine-tuned on CIFAR-10's labels: it has seen the anomalies, named
 
 
 PRESETS = {
     "vit-b16-cifar10": Preset("vit", "nateraw/vit-base-patch16-224-cifar10", "pytorch_model.bin",
                               "HF ViT-B/16, ImageNet-21k then fine-tuned on CIFAR-10 *labels* (the reproduction's "
-                              "teacher; it has seen the anomalies with labels)"),
+                              "teacher; it has seen the anomalies with labels)", saw_cifar10_labels=True),
     "vit-b16-in21k": Preset("vit", "google/vit-base-patch16-224-in21k", "model.safetensors",
                             "HF ViT-B/16 pretrained on ImageNet-21k, no CIFAR-10 labels"),
     "dino-vits16": Preset("vit", "timm/vit_small_patch16_224.dino", "model.safetensors",
@@ -63,7 +64,6 @@ PRESETS = {
 # whose defects no CIFAR-10 label says anything about, a self-supervised DINOv2 for the ViT
 DEFAULT_TEACHER = {"cifar10": {"vit": "vit-b16-cifar10", "vgg": "vgg16"},
                    "mvtec": {"vit": "dinov2-vitb14", "vgg": "vgg16"}}
-LABEL_FREE_VIT = [name for name, p in PRESETS.items() if p.backbone == "vit" and name != "vit-b16-cifar10"]
 
 
 ## --------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 import cli
 from checkpoint import CheckpointError, read_header, sha256
-from hub import DEFAULT_TEACHER, resolve_teacher
+from hub import DEFAULT_TEACHER, PRESETS, resolve_teacher
 from cli import RunError, note, pick_device, pick_precision, set_numerics
 from data import CIFAR10_CLASSES, DataError
 from distill import load_teacher, place, student_config_for, taps_for
@@ -151,7 +151,7 @@ def find_teacher(args) -> tuple:
     found = resolve_teacher(args.teacher, args.cache_dir)
     info = {"name": args.teacher, "short_name": teacher_name(args.teacher, found.path, found.preset),
             "preset": found.preset, "origin": found.origin, "path": str(Path(found.path).resolve()),
-            "sha256": sha256(found.path), "label_leak": found.preset == "vit-b16-cifar10"}
+            "sha256": sha256(found.path), "label_leak": bool(found.preset and PRESETS[found.preset].saw_cifar10_labels)}
     return found, info
 
 

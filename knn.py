@@ -3,7 +3,7 @@
 Each image is reduced to one global feature of the frozen pretrained teacher (image_embedding); a validation or
 test image's anomaly score is its mean cosine distance to the k nearest normal training images (knn_scores). The
 features come from the teacher passes a run makes anyway: `recorded` collects them while the KDAD scores are
-computed (scoring itself does not know), and the training images' features from the VGG feature cache, else from
+computed (scoring itself does not know), and the training images' features from the teacher-feature cache, else from
 one teacher-only pass.
 
     with recorded(kdad) as features:       # every teacher forward inside also keeps its image features

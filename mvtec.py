@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cli import counted, named, note
-from data import DataError, one_class_data
+from data import VAL_FRACTION, DataError, one_class_data
 from folders import ImageFolder, Source, is_hidden, listing
 
 ## The layout: one image folder per category, whose normal class is `good`, plus a pixel mask for every defective
@@ -62,7 +62,7 @@ class MVTecAD(Source):
     def class_has_images(self, split: str, label: int) -> bool:
         return (self.root / self.classes[label] / split / MVTEC_NORMAL).is_dir()
 
-    def one_class_data(self, cls, seed=0, limit=None, val_fraction=0.1):
+    def one_class_data(self, cls, seed=0, limit=None, val_fraction=VAL_FRACTION):
         """data.one_class_data of category `cls`: its good/ images normal, every defect folder anomalous, and
         test_masks holding the defects' pixels."""
         label = self.class_index(cls)
@@ -159,8 +159,3 @@ def fit_mask(mask: np.ndarray, side: int, whole: bool = True) -> tuple[np.ndarra
     resized = np.asarray(Image.fromarray(mask, mode="F").resize(size, Image.BOX)) > 1e-6  # float sums: not exactly 0
     left, top = (size[0] - side) // 2, (size[1] - side) // 2
     return resized[top:top + side, left:left + side], int(resized.sum())
-
-
-def square_mask(mask: np.ndarray, side: int, whole: bool = True) -> np.ndarray:
-    """fit_mask's (side, side) bool mask alone."""
-    return fit_mask(mask, side, whole)[0]

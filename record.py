@@ -364,7 +364,7 @@ def data_as_recorded(source, cls, seed: int, limit, saved: dict | None, root):
     whatever was added to the folder since (named in a note); data.one_class_data for a run that recorded none
     (older code: said) or a new run (saved None). Raises ImagesChanged naming the recorded images that are gone or
     changed (and torchvision CIFAR-10 pixels that differ)."""
-    from data import load_splits, one_class_data
+    from data import VAL_FRACTION, load_splits, one_class_data
     recorded = (saved or {}).get("images")
     if recorded is None:
         if saved is not None:
@@ -401,7 +401,7 @@ def data_as_recorded(source, cls, seed: int, limit, saved: dict | None, root):
     if problems:
         raise ImagesChanged(f"the images this run recorded changed in {root} since: " + "; ".join(problems))
     normal = "good" if mvtec else name
-    data = load_splits(folder, folder.classes.index(normal), chosen, 0.1)
+    data = load_splits(folder, folder.classes.index(normal), chosen, VAL_FRACTION)
     if mvtec:
         data = source.with_masks(data, source.classes.index(name))
     if [len(data.train), len(data.val), len(data.test)] != [len(chosen[p]) for p, _ in PARTS]:

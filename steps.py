@@ -5,7 +5,7 @@ check for a diverged (NaN/inf) loss. train.train_epoch iterates over an EpochSte
         steps = EpochSteps(batches, n, args, epoch, snaps, stop)
         for idx, x in steps:
             steps.log(train_step(...))                 # the loss, still on the device
-        steps.summary()                                # {"loss", "images", "seconds", "images_per_s"}
+        steps.summary()                                # {"epoch", "loss", "images", "seconds", "images_per_s"}
 
 Stop is raised with one line saying what happened and what was kept (record.Snapshots.kept); a GPU running out of
 memory while training becomes one line too (out_of_memory).

@@ -1,5 +1,6 @@
 """The per-class tables: finished runs grouped by what makes them comparable, mean +- std over seeds within a group,
-beside the published figures where they are comparable. Written as Markdown, CSV and (with matplotlib) a bar chart.
+beside the published figures of the same data set and backbone (saying what differs from their setup). Written as
+Markdown, CSV and (with matplotlib) a bar chart.
 
     python evaluate.py --table runs/vit-*-all-s0 runs/vit-*-all-s1
 
@@ -16,7 +17,7 @@ from cli import RunError
 from data import CIFAR10_CLASSES, CROP_PCT
 from mvtec import MVTEC_CATEGORIES
 from plots import PlotError, table_png
-from record import TORCHVISION_CIFAR10, read_json, read_run_config, run_folders, write_text
+from record import DESCRIBED, RESULT_SETTINGS, TORCHVISION_CIFAR10, read_json, read_run_config, run_folders, write_text
 from writes import write_atomically
 
 # Published per-class figures (%): {(dataset, backbone): (source, {class: image AUROC}, {class: pixel AUROC})}.
@@ -46,8 +47,6 @@ COLUMNS = [("test_auroc", "test AUROC (%)"), ("knn_test_auroc", "teacher kNN alo
            ("runs", "runs"), ("published", "published (%)"), ("published_pixel", "published pixel AUROC (%)")]
 
 
-
-
 def fmt(x, digits=2, scale=100.0) -> str:
     """An AUROC for printing: 'n/a' where there is none."""
     return "n/a" if x is None else f"{x * scale:.{digits}f}"
@@ -57,12 +56,17 @@ def fmt(x, digits=2, scale=100.0) -> str:
 ## The per-class table: runs grouped by what makes them comparable, mean +- std over seeds within a group.
 
 def comparable(cfg: dict) -> tuple:
-    """What runs must share to be seeds of one experiment: backbone, teacher (by content), data and recipe."""
-    s = cfg["settings"]
-    data = s.get("data") or (s["data_dir"] or TORCHVISION_CIFAR10)  # runs written before `data` existed
-    return (s["backbone"], s.get("dataset", "cifar10"), cfg["teacher"]["sha256"], data, s["epochs"], s["batch_size"],
-            s["lr"], s["lam"], s["image_size"], s.get("crop_pct", CROP_PCT), s["limit"], s["select"],
-            tuple(s.get("teacher_mean") or ()), tuple(s.get("teacher_std") or ()))
+    """What runs must share to be seeds of one experiment: every setting that changes a result
+    (record.RESULT_SETTINGS: backbone, teacher by content, data, recipe, precision, ...) except the class and the
+    seed, the number of epochs, and the teacher as described (heads, eps)."""
+    s = dict(cfg["settings"])
+    s["data"] = s.get("data") or (s["data_dir"] or TORCHVISION_CIFAR10)  # runs written before `data` existed
+    s["teacher_sha256"] = cfg["teacher"]["sha256"]
+    s.setdefault("dataset", "cifar10")
+    s.setdefault("crop_pct", CROP_PCT)
+    keys = [k for k in RESULT_SETTINGS if k not in ("cls", "seed")] + ["epochs"]
+    described = cfg["teacher"].get("config", {})  # the same file with other heads is another network
+    return tuple(repr(s.get(k)) for k in keys) + tuple(repr(described.get(k)) for k in DESCRIBED)
 
 
 def describe_group(cfg: dict, short=False) -> str:
@@ -78,6 +82,7 @@ def describe_group(cfg: dict, short=False) -> str:
         return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}{limit}"
     return (f"{s['backbone']}, teacher {teacher}, data {data}, {epochs}, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px{limit}"
+            + (f", {s['precision']}" if s.get("precision") else "") + (", plain" if s.get("plain") else "")
             + (", selected by val AUROC" if s["select"] == "val-auroc" else ""))
 
 
@@ -95,6 +100,23 @@ def published_for(cfg: dict) -> tuple[str | None, dict, dict]:
     if (dataset == "cifar10" and not on_cifar10(cfg)) or s.get("limit"):  # --limit: not the protocol's test set
         return None, {}, {}
     return PUBLISHED.get((dataset, s["backbone"]), (None, {}, {}))
+
+
+def unlike_published(cfg: dict) -> list[str]:
+    """How this group's setup differs from the one the published figures came from (the recipe with its teacher),
+    e.g. ['1 epochs (published: 200)', 'teacher dino (published: vgg16)']; empty where it is that setup."""
+    from hub import DEFAULT_TEACHER  # here, not at the top: reading tables needs neither
+    from train import RECIPES
+    s, t = cfg["settings"], cfg["teacher"]
+    dataset = s.get("dataset", "cifar10")
+    recipe = RECIPES[dataset][s["backbone"]]
+    differ = [f"{s[k]:g} {what} (published: {recipe[k]:g})" for k, what in (
+        ("epochs", "epochs"), ("image_size", "px"), ("batch_size", "batch"), ("lr", "lr"), ("lam", "lambda"))
+        if s.get(k) != recipe[k]]
+    want = DEFAULT_TEACHER[dataset][s["backbone"]]
+    if t.get("preset") != want:
+        differ.append(f"teacher {t.get('short_name') or Path(t['name']).name} (published: {want})")
+    return differ
 
 
 def group_rows(runs: list[tuple[dict, dict]]) -> tuple[list[dict], str | None]:
@@ -171,8 +193,11 @@ def tables(paths, records=()) -> list[dict]:
         rows, label = group_rows(runs)
         title = describe_group(runs[0][0])
         published = f"\n\npublished: {label}" if label else ""
+        differ = unlike_published(runs[0][0]) if label else []
+        if differ:  # a reference, not a figure this setup should reach
+            published += f"\n\nthe published figures come from another setup than this table's: {', '.join(differ)}"
         out.append({"title": title, "chart_title": describe_group(runs[0][0], short=True), "rows": rows,
-                    "published_label": label,
+                    "published_label": label, "unlike_published": differ,
                     "markdown": f"### {title}\n\n{markdown(rows)}{published}"})
     return out
 
@@ -209,7 +234,8 @@ def write_table(paths, out_prefix=None, records=()) -> str:
     for k, g in enumerate(groups, start=1):
         png = out.with_suffix(".png") if len(groups) == 1 else out.with_name(f"{out.name}-{k}.png")
         try:
-            table_png(png, g["rows"], g["chart_title"], f"published: {g['published_label'] or 'none'}")
+            other = " (another setup: see table.md)" if g["unlike_published"] else ""
+            table_png(png, g["rows"], g["chart_title"], f"published{other}: {g['published_label'] or 'none'}")
             written.append(png)
         except PlotError as e:
             print(f"note: no bar chart ({e})")

@@ -22,9 +22,7 @@ if __name__ == "__main__":  # flags first: --help and a mistyped flag answer bef
     cli.train_args(sys.argv[1:])
     cli.quiet_interrupt()
 
-import time  # the rest waits for the flag check above
-
-import torch
+import torch  # the rest waits for the flag check above
 
 import knn
 from cache import feature_cache
@@ -32,19 +30,22 @@ from checkpoint import save_tensors
 from cli import autocast, grad_scaler
 from data import CROP_PCT, NORMAL, Preprocess, batches
 from distill import KDAD, channels_last, make_student, place, taps_for
-from evaluate import auroc, finite, load_student, localisation, score_images
+from evaluate import auroc, final_scores, finite, load_student, score_images
 from record import Run, Snapshots
 from steps import EpochSteps, interruptible, out_of_memory, stops_if_non_finite
 from vit import set_fused_attn
 
 ## The recipes, per data set and backbone. On CIFAR-10 (and any image folder laid out like it) the VGG one is the
 ## paper's code (rohban-lab/Knowledge_Distillation_AD) and the ViT one the reproduction's (LucStrater/
-## Knowledge_Distillation_AD, vit_kdad.ipynb), with two differences in what it reports:
+## Knowledge_Distillation_AD, vit_kdad.ipynb), with these differences:
 ## - the reproduction kept the epoch with the best validation AUROC, on a labelled part of the training split (its
 ##   Lightning checkpoint on `val_roc_auc`); here the final epoch is kept, and --select val-auroc does what it did;
 ## - it fed its teacher ImageNet mean/std-normalised images (its image processor ran with do_normalize=False);
 ##   here every teacher gets its own family's normalisation (0.5/0.5 for vit-b16-cifar10, as that model's image
-##   processor has it); --teacher-mean 0.485 0.456 0.406 --teacher-std 0.229 0.224 0.225 gives the reproduction's.
+##   processor has it); --teacher-mean 0.485 0.456 0.406 --teacher-std 0.229 0.224 0.225 gives the reproduction's;
+## - it resized 32 -> 256 with PIL's Lanczos filter, here antialiased bilinear (on whole batches, data.Preprocess);
+## - its validation images were 5,000 drawn at random from the whole training set (random_split), here 10% of each
+##   class (data.stratified_split); and it dropped each epoch's last partial batch, here it is trained on.
 ## On MVTec AD the VGG one is the paper's code with its MVTec settings:
 ##   configs/config.yaml line 15 (commit 0dbc8c0): `lamda: 0.01 # mvtec:0.5, Others:0.01`
 ##   configs/config.yaml line 8 (0dbc8c0): `num_epochs: 201 # mnist/fashionmnist:51, cifar10:201, mvtec:601`
@@ -158,7 +159,7 @@ def fit(args, data, teacher, device, precision, run: Run, resume: bool) -> dict:
     snaps = Snapshots(run, student, opt, sched, scaler, device)  # state.pt: weights, optimiser, position, RNG
     if resume:
         snaps.resume(args.epochs)
-    cache = val_cache = None  # no augmentation (VGG recipes): the frozen teacher's features are computed once
+    cache = val_cache = None  # no augmentation (VGG; ViT on MVTec AD): the frozen teacher's features are computed once
     if not (args.augment or args.no_cache or args.plain):
         cache = feature_cache(kdad, data.train, prep, amp, args.eval_batch_size, device, args.batch_size)
         val_cache = feature_cache(kdad, data.val[data.val_labels == NORMAL], prep, amp, args.eval_batch_size,
@@ -193,24 +194,15 @@ def finish(args, kdad: KDAD, student, data, prep: Preprocess, amp, run: Run, sta
         selected = state["best"]["epoch"]
         load_student(run.path / "best.safetensors", student)
         print(f"selected epoch {selected} by validation AUROC (this uses the validation images' anomaly labels)")
-    t0 = time.time()
-    with knn.recorded(kdad) as features:  # the baseline keeps the teacher's image features of these same passes
-        val = score_images(kdad, data.val, prep, amp, args.eval_batch_size, plain=args.plain)
-        test = score_images(kdad, data.test, prep, amp, args.eval_batch_size, plain=args.plain)
-    score_speed = (len(val) + len(test)) / (time.time() - t0)
+    figures, _ = final_scores(kdad, data, prep, amp, args.eval_batch_size, args.knn_k, args.plain, cache)
     history = state["history"]
     images, seconds = sum(r["images"] for r in history), sum(r["seconds"] for r in history)
-    results = {"val_auroc": auroc(val, data.val_labels.cpu(), "validation scores"),
-               "test_auroc": auroc(test, data.test_labels.cpu(), "test scores"),
-               "val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
-               "selected_epoch": selected, "selection": args.select,
-               "uses_anomaly_labels": args.select == "val-auroc", "train_images": images, "train_seconds": seconds,
-               "train_images_per_s": images / max(seconds, 1e-9), "score_images_per_s": score_speed}
+    results = figures | {"val_normal_loss": history[selected - 1]["val_normal_loss"], "epochs": args.epochs,
+                         "selected_epoch": selected, "selection": args.select,
+                         "uses_anomaly_labels": args.select == "val-auroc", "train_images": images,
+                         "train_seconds": seconds, "train_images_per_s": images / max(seconds, 1e-9)}
     if args.knn_k:
-        results |= knn.baseline(kdad, data, prep, amp, args.knn_k, features, args.eval_batch_size, cache, args.plain)
         results["knn_feature"] = knn.feature_name(args.backbone, kdad.teacher)
-    if data.test_masks is not None:  # MVTec AD: where the defects are, against the masks
-        results |= localisation(kdad, data, prep, amp)
     save_tensors(student.state_dict(), run.path / "student.safetensors")  # once every figure is finite
     return results
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import CheckpointError, check_finite, check_state_dict, read_tensors
-from vit import IMAGENET_MEAN, IMAGENET_STD
+from layouts import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass

@@ -35,7 +35,7 @@ class ViTConfig:
     patch_size: int = 16
     width: int = 768          # D, the token width
     depth: int = 12           # L, the number of blocks
-    heads: int = 12           # width / heads = 64 for every published ViT
+    heads: int = 12           # width / heads = 64 for most published ViTs (ViT-H/g/G: layouts.HEADS)
     mlp_width: int = 3072     # 4 * D
     registers: int = 0        # extra learned tokens after CLS (DINOv2 "reg4" variants)
     layer_scale: bool = False  # per-channel gains on each residual branch (DINOv2)
@@ -200,7 +200,8 @@ def student_config(teacher: ViTConfig, depth=4, heads=8, mlp_width=512, dropout=
 ## --------------------------------------------------------------------------------------------------------
 ## Another input size: the position table is a (g x g) grid of learned vectors, one per patch; a larger or
 ## smaller image has more or fewer patches, so the grid is resized like an image. All three libraries interpolate
-## the patch part on its (D, g, g) grid with bicubic kernels in float32 and keep the prefix (CLS) positions, but:
+## the patch part on its (D, g, g) grid with bicubic kernels (timm and Dinov2 in float32, the others in the table's
+## own dtype: the same for float32 files, as every teacher here is read) and keep the prefix (CLS) positions, but:
 ## - plain bicubic (a = -0.75, align_corners=False): Hugging Face ViT and Dinov2 (`interpolate_pos_encoding`);
 ## - antialias=True switches PyTorch to PIL's bicubic (a = -0.5, widened when shrinking): timm's
 ##   `resample_abs_pos_embed` and Hugging Face Dinov2WithRegisters;

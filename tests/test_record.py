@@ -61,6 +61,31 @@ def test_published_column_only_for_cifar10_matched_by_name(tmp_path):
     (group,) = tables.tables(cifar)
     assert [r["published"] for r in group["rows"][:2]] == [77.02, 91.45]  # cat and ship in the paper's table
     assert "Salehi et al. 2021" in group["markdown"] and "shared/docs" not in group["markdown"]
+    # 1 epoch at 32 px with another teacher is not the paper's setup: the table says so beside the figures
+    assert "another setup than this table's: 1 epochs (published: 200), 32 px (published: 224)" in group["markdown"]
+    assert "teacher sha-a (published: vgg16)" in group["markdown"]
+
+
+def test_the_published_setup_gets_no_difference_note(tmp_path):
+    run = fake_run(tmp_path / "r", cls=3, name="cat")
+    config = json.loads((run / "config.json").read_text())
+    config["settings"] |= {"epochs": 200, "image_size": 224, "batch_size": 64, "lr": 1e-3}
+    config["teacher"]["preset"] = "vgg16"
+    (run / "config.json").write_text(json.dumps(config))
+    (group,) = tables.tables([run])
+    assert group["rows"][0]["published"] == 77.02 and group["unlike_published"] == []
+    assert "another setup" not in group["markdown"]
+
+
+def test_runs_in_another_precision_are_not_averaged_as_seeds(tmp_path):
+    runs = [fake_run(tmp_path / f"s{seed}", seed=seed, auroc=auroc) for seed, auroc in ((0, 0.6), (1, 0.7))]
+    for run, precision in zip(runs, ("bf16", "fp32"), strict=True):
+        config = json.loads((run / "config.json").read_text())
+        config["settings"]["precision"] = precision
+        (run / "config.json").write_text(json.dumps(config))
+    groups = tables.tables(runs)
+    assert len(groups) == 2 and {g["rows"][0]["runs"] for g in groups} == {1}
+    assert sorted(g["title"].split(", ")[-1] for g in groups) == ["bf16", "fp32"]
 
 
 def test_runs_of_different_backbones_are_not_averaged(tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch when they are called.
 """
 import argparse
 import importlib.util
+import math
 import os
 import signal
 import sys
@@ -91,9 +92,9 @@ def train_parser() -> OneLineParser:
                                          for d, ts in DEFAULT_TEACHER.items()) + ")")
     g.add_argument("--cache-dir", help="where teachers are downloaded and converted (default: the Hugging Face cache "
                                        "for hub files, HF_HOME; ~/.cache/kdad-vit, KDAD_CACHE, for the rest)")
-    g.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+    g.add_argument("--teacher-mean", type=number, nargs=3, metavar=("R", "G", "B"),
                    help="input mean the teacher expects (default: its checkpoint family's)")
-    g.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"),
+    g.add_argument("--teacher-std", type=number, nargs=3, metavar=("R", "G", "B"),
                    help="input std the teacher expects (default: its checkpoint family's)")
     g.add_argument("--teacher-heads", type=int, metavar="N",
                    help="attention heads of a ViT teacher whose folder does not say (no config.json beside a bare "
@@ -112,8 +113,8 @@ def train_parser() -> OneLineParser:
     g = p.add_argument_group("recipe (defaults: the paper's for vgg, the reproduction's for vit; MVTec AD's differ)")
     g.add_argument("--epochs", type=int, help="vgg 200, vit 10 (MVTec AD: vgg 600, vit 50)")
     g.add_argument("--batch-size", type=int, help="vgg 64, vit 128 (MVTec AD: vgg 64, vit 16)")
-    g.add_argument("--lr", type=float, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5; MVTec AD after 25)")
-    g.add_argument("--lam", type=float, help="weight of the MSE (value) term (0.01; MVTec AD 0.5)")
+    g.add_argument("--lr", type=number, help="vgg 1e-3 (Adam), vit 5e-5 (AdamW, x0.2 after epoch 5; MVTec AD after 25)")
+    g.add_argument("--lam", type=number, help="weight of the MSE (value) term (0.01; MVTec AD 0.5)")
     g.add_argument("--seed", "--seeds", dest="seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="seeds the split, the student and the batches (default: 0); several seeds run one job each")
     g.add_argument("--select", choices=["final", "val-auroc"], default="final",
@@ -144,6 +145,17 @@ def train_parser() -> OneLineParser:
     return p
 
 
+def number(text: str) -> float:
+    """argparse type of every real-valued flag: a finite number (nan and inf are refused as the flag's error)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are unsigned 32-bit words; torch's take the same values
+
+
 def train_args(argv=None) -> argparse.Namespace:
     """Parse and check train.py's flags; recipe values left out stay None (train.py fills in the recipe's)."""
     p = train_parser()
@@ -154,6 +166,11 @@ def train_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.lam is not None and args.lam < 0:
         p.error(f"--lam must be >= 0, got {args.lam}")
+    if args.teacher_std and min(args.teacher_std) <= 0:
+        std = " ".join(map(str, args.teacher_std))
+        p.error(f"--teacher-std must be positive (inputs are divided by it), got {std}")
+    if any(not 0 <= s <= SEED_MAX for s in args.seeds):
+        p.error(f"--seed must be between 0 and {SEED_MAX}, got {' '.join(map(str, args.seeds))}")
     if args.knn_k < 0:
         p.error(f"--knn-k must be >= 0 (0 skips the kNN baseline), got {args.knn_k}")
     if args.limit is not None and args.limit < 2:
@@ -309,8 +326,14 @@ def pick_precision(name: str, device) -> str:
     import torch
     if device.type == "cuda":
         return choose_precision(name, "cuda", torch.cuda.get_device_capability(device))
-    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    return choose_precision(name, "cpu", cpu_bf16=bool(is_bf16()))
+    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    fp16 = bool(getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)())
+    chosen = choose_precision(name, "cpu", cpu_bf16=bf16)
+    if not {"bf16": bf16, "fp16": fp16}.get(chosen, True):  # asked for; auto never picks an emulated one
+        auto = native_precision("cpu", None, bf16)
+        note(f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has no {chosen} arithmetic of its own: "
+             f"--precision {chosen} runs emulated, several times slower (auto picks {auto} here)")
+    return chosen
 
 
 def autocast(device, precision: str):

@@ -290,8 +290,9 @@ def compile_row(device, s: Sizes, inductor: bool) -> dict:
 def torchrun_row(device, files, data, tmp: Path, s: Sizes) -> dict:
     """train.py under torchrun, two processes on this one device (on a GPU: --device cuda with only this GPU
     visible, so both processes take cuda:0), --cls all: both classes finished and one table."""
-    out = tmp / "torchrun"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out, scratch = tmp / "torchrun", tmp / "scratch"  # scratch: torchrun's own torchelastic_* folders, removed
+    scratch.mkdir()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
     if device.type == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = str(device.index or 0)
     argv = run_argv(files, data, out, s, "--device", device.type)

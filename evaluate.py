@@ -320,7 +320,8 @@ def main(argv=None):
                 codes.append(3 if isinstance(e, NonFinite) else 2)
                 line = f"{e}: this run's student gives NaN/inf here (try --precision fp32; a diverged run is trained " \
                        f"again with a lower --lr)" if isinstance(e, NonFinite) else str(e)
-                print(f"error: {line}" if len(runs) == 1 else f"error: {run}: {line}", file=sys.stderr)
+                named = len(runs) == 1 or line.startswith(str(run))  # which run, said once
+                print(f"error: {line}" if named else f"error: {run}: {line}", file=sys.stderr)
         return max(codes, default=0)
     except (RunError, CheckpointError, DataError, PlotError) as e:
         print(f"error: {e}", file=sys.stderr)

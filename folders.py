@@ -112,7 +112,10 @@ def walk(folder: Path, images: list, others: list, seen: set):
             else:
                 walk(path, images, others, seen | {real})
         elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-            images.append(path)
+            if entry.stat().st_size == 0:  # a failed download or copy: known before the split is drawn
+                others.append((path, "an empty file (0 bytes)"))
+            else:
+                images.append(path)
         elif entry.is_file():
             others.append((path, f"not an image: Pillow opens no {path.suffix or 'extension-less'} files"))
         else:
@@ -208,7 +211,8 @@ class ImageFolder(Source):
         if refused:
             what = counted(len(refused), "unreadable image file", "unreadable image files")
             note(f"{self.root}/{split}: skipped {what}: "
-                 + named(f"{self.rel(p, split)} ({why})" for p, why in refused))
+                 + named(f"{self.rel(p, split)} ({why})" for p, why in refused)
+                 + " (the split was drawn with them listed; delete or repair them for the split without them)")
         for line in notes:
             note(f"{self.root}/{split}: {line}")
         kept = np.array([i for i in idx if self._decoded[split, int(i)][0] is not None], dtype=np.int64)

@@ -102,9 +102,23 @@ def resolve_teacher(teacher: str, cache_dir=None) -> Teacher:
         return Teacher(fetch_into_cache(teacher, (Path(cache_dir) if cache_dir else default_cache()) /
                                         cache_name(teacher)), None, {"url": teacher})
     path = Path(teacher).expanduser()
+    if path.is_dir():  # a model folder (save_pretrained, a hub snapshot): its weights file, config.json beside it
+        path = folder_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"teacher not found: {teacher} is neither a file nor a preset ({', '.join(PRESETS)})")
     return Teacher(path, preset_of_path(path), {"file": str(path.resolve())})
+
+
+def folder_checkpoint(folder: Path) -> Path:
+    """The weights file of a model folder: model.safetensors (as transformers and timm save it), else its only
+    other checkpoint file. Raises CheckpointError naming what the folder holds."""
+    if (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt", ".onnx"))
+    if len(files) == 1:
+        return files[0]
+    held = ", ".join(p.name for p in files) or "no checkpoint file"
+    raise CheckpointError(f"--teacher {folder} is a folder holding {held}: pass the checkpoint file itself")
 
 
 def parse_hub_url(url: str) -> tuple[str, str, str] | None:

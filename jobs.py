@@ -33,7 +33,7 @@ from record import (TORCHVISION_CIFAR10, ImagesChanged, Run, data_as_recorded, d
 from steps import Stop
 from tables import fmt, write_table
 from train import RECIPES, fit
-from writes import WriteError, os_error_line
+from writes import WRITTEN, WriteError, os_error_line
 
 USER_ERRORS = (CheckpointError, DataError, RunError)
 
@@ -169,7 +169,7 @@ def load_found_teacher(args, found, info: dict, device):
         print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: set by --teacher-mean/--teacher-std or the recipe")
     elif "mean" in said:
         print(f"  input mean {tuple(c.mean)}, std {tuple(c.std)}: from {said['mean']}")
-    if said.get("heads", "").startswith("assumed"):  # "assumed: 64 dims per head, as published ViTs have"
+    if said.get("heads", "").startswith("assumed"):  # e.g. "assumed: 64 dims per head, as published ViTs have"
         print(f"  note: heads {said['heads']}; --teacher-heads N if this file has others")
     if info["label_leak"]:
         print("  note: fine-tuned on CIFAR-10 labels of all ten classes, it has seen the anomalies; label-free: "
@@ -417,8 +417,8 @@ def main(argv=None) -> int:
                                               if isinstance(e, WriteError) else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (loading, scoring): files are only ever replaced whole
-        print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)",
-              file=sys.stderr)
+        print("stopped: interrupted; everything saved so far is intact (an unfinished run continues with --resume)"
+              if WRITTEN else "stopped: interrupted before anything was written", file=sys.stderr)
         return 130
     finally:
         if world > 1 and torch.distributed.is_initialized():

@@ -188,7 +188,9 @@ def assumed_heads(width: int) -> tuple[int, str]:
     """(heads, what the teacher: line calls it) where nothing beside the file says the head count."""
     if width in HEADS:
         return HEADS[width], f"assumed, as ViT-H/g/G of width {width} have"
-    return max(1, width // 64), "assumed: 64 dims per head, as published ViTs have"
+    if width % 64:
+        return 1, f"assumed: one head of all {width} dims ({width} is no multiple of the usual 64 dims per head)"
+    return width // 64, "assumed: 64 dims per head, as published ViTs have"
 
 
 def config_from_tensors(sd: dict, layout: Layout) -> dict:

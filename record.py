@@ -131,6 +131,16 @@ def norm_part(mean, std) -> str:
     return "-".join(f"{what}{values(v)}" for what, v in (("mean", mean), ("std", std)) if v)
 
 
+def setting_change(key: str, there, now) -> str:
+    """'--lr 5e-05 there, 0.0001 now': a setting as a user knows it (its flag, else what it is) in a saved run and
+    in this command."""
+    name = {"data": "data folder", "teacher_sha256": "teacher file (sha256)", "crop_pct": "crop_pct"}.get(
+        key, "--" + key.replace("_", "-"))
+    if key == "teacher_sha256":
+        there, now = str(there)[:12], str(now)[:12]
+    return f"{name} {there} there, {now} now"
+
+
 ## --------------------------------------------------------------------------------------------------------
 ## A run folder.
 
@@ -161,12 +171,13 @@ class Run:
             return "overwrite"
         old = read_json(run / "config.json")["settings"]
         differ = [k for k in RESULT_SETTINGS if old.get(k) != settings.get(k)]
+        said = "; ".join(setting_change(k, old.get(k), settings.get(k)) for k in differ)
         if differ and not resume:
-            raise RunError(f"{run} already holds a run of another configuration ({', '.join(differ)} differ): "
-                           f"choose another --out, or --overwrite to replace it")
+            raise RunError(f"{run} already holds a run of another configuration ({said}): choose another --out, "
+                           f"or --overwrite to replace it")
         if differ:
-            raise RunError(f"cannot resume {run}: its settings differ in {', '.join(differ)} "
-                           f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)})")
+            raise RunError(f"cannot resume {run}: its settings differ ({said}): resume with the settings it was "
+                           f"trained with, or choose another --out")
         if not resume:
             done = self.results()
             if finished_ok and done and done.get("epochs", 0) >= settings["epochs"]:

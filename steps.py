@@ -21,7 +21,7 @@ from evaluate import NonFinite
 
 CHECK_EVERY = 50  # steps between checks for a non-finite loss (each check waits for the device once)
 SHOW_EVERY = 10   # steps between updates of the progress bar's loss (each one waits for the device too)
-DIVERGED = "the student diverged: try a lower --lr or --precision fp32, with --overwrite"
+DIVERGED = "the student diverged: try a lower --lr (in bf16 or fp16, or --precision fp32), with --overwrite"
 
 
 class Stop(Exception):

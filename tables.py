@@ -183,13 +183,15 @@ def tables(paths, records=()) -> list[dict]:
                        f"to tabulate")
     out = []
     for runs in groups.values():
-        seen = {}
-        for _, r, run in runs:  # a seed counted twice would shrink the std and inflate the count of runs
+        seen, kept = {}, []
+        for cfg, r, run in runs:  # a seed counted twice would shrink the std and inflate the count of runs
             first = seen.setdefault((r["cls"], r.get("seed")), run)
-            if first != run:
-                raise RunError(f"{first} and {run} are the same run (class {r['class_name']}, seed {r.get('seed')}, "
-                               f"the same settings): pass only one of them")
-        runs = [(cfg, r) for cfg, r, _ in runs]
+            if first == run:
+                kept.append((cfg, r))
+            else:
+                print(f"note: left out {run}: the same run as {first} (class {r['class_name']}, seed "
+                      f"{r.get('seed')}, the same settings), counted once", file=sys.stderr)
+        runs = kept
         rows, label = group_rows(runs)
         title = describe_group(runs[0][0])
         published = f"\n\npublished: {label}" if label else ""

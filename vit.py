@@ -260,8 +260,12 @@ def load_vit(path, image_size: int | None = None, heads: int | None = None) -> V
     if heads:
         fields, sources = fields | {"heads": heads}, sources | {"heads": "--teacher-heads"}
     if fields["width"] % fields["heads"]:
-        raise CheckpointError(f"{path}: width {fields['width']} cannot be split into {fields['heads']} attention "
-                              f"heads ({sources['heads']}): pass the head count with --teacher-heads N")
+        width = fields["width"]
+        fits = [h for h in range(1, 33) if width % h == 0]
+        advice = ("choose one that divides it" if heads else "pass the head count with --teacher-heads N") + \
+            f" ({', '.join(map(str, fits[-6:]))}, ...)"
+        raise CheckpointError(f"{path}: width {width} cannot be split into {fields['heads']} attention heads "
+                              f"({sources['heads']}): {advice}")
     cfg = ViTConfig(**fields)
     with torch.device("meta"):  # shapes only: the random init would all be overwritten (seconds for a ViT-B)
         model = ViT(cfg)

@@ -18,6 +18,9 @@ import urllib.error
 from pathlib import Path
 
 
+WRITTEN = []  # every file this process has written (so a Ctrl-C can say whether anything was)
+
+
 class WriteError(OSError):
     """A file could not be written (a full disk, a quota, a read-only or forbidden folder): str(e) is one line
     saying which file, why, and the free space where it was going."""
@@ -28,19 +31,23 @@ class WriteError(OSError):
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
+def size_text(n: float) -> str:
+    """'41.9 MB', '512 bytes' (decimal units, as df -H and file managers show them)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
 def free_space(folder) -> str:
     """'1.3 GB free' on the file system of `folder` (its nearest existing parent), or 'free space unknown'."""
     folder = Path(folder).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        free = shutil.disk_usage(folder).free
+        return f"{size_text(shutil.disk_usage(folder).free)} free"
     except OSError:
         return "free space unknown"
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if free < 1000 or unit == "TB":
-            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
-        free /= 1000
 
 
 def write_failure(e: BaseException) -> str | None:
@@ -60,16 +67,19 @@ def write_failure(e: BaseException) -> str | None:
         return os.strerror(int(code.group(1))) if code else text.split("I/O error:")[-1].strip()
     if isinstance(e, RuntimeError) and any(m in text for m in ("inline_container", "PytorchStreamWriter",
                                                               "file write failed")):
-        return "torch.save failed: " + " ".join(text.split())[:80]
+        # torch's zip writer reports a short write by position only ('unexpected pos'): the OS's reason is lost
+        return "torch.save could not write the whole file, most likely as the disk is full"
     return None
 
 
-def write_error(path, reason: str) -> WriteError:
-    """The one line for a file that could not be written: what, where, why, and the free space there."""
+def write_error(path, reason: str, written: int | None = None) -> WriteError:
+    """The one line for a file that could not be written: what, where, why, how much of it had been written
+    before it failed (removed since), and the free space there."""
     path = Path(path)
-    return WriteError(f"could not write {path.name} in {path.parent} ({reason}; {free_space(path.parent)} there): "
-                      f"make room or choose another folder, then run the command again; files saved before are "
-                      f"intact")
+    partial = f"; it stopped after {size_text(written)} and was removed" if written else ""
+    return WriteError(f"could not write {path.name} in {path.parent} ({reason}{partial}; "
+                      f"{free_space(path.parent)} there now): make room or choose another folder, then run the "
+                      f"command again; files saved before are intact")
 
 
 def os_error_line(e: OSError) -> str:
@@ -97,8 +107,12 @@ def write_atomically(path, write):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # what open() gives a new file; safetensors' writer makes its files 0600
         os.replace(tmp, path)
+        WRITTEN.append(path)
         reason = None
     except BaseException as e:
+        written = None
+        with contextlib.suppress(OSError):
+            written = tmp.stat().st_size
         with contextlib.suppress(OSError):  # half a file would keep the disk full for the retry
             tmp.unlink(missing_ok=True)
         reason = write_failure(e)
@@ -106,7 +120,7 @@ def write_atomically(path, write):
             raise
     if reason is not None:  # out of the except block, so the failed writer can be collected and its space freed
         gc.collect()
-        raise write_error(path, reason)
+        raise write_error(path, reason, written)
     try:  # and the rename itself (POSIX; elsewhere the OS does not let a folder be opened)
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)

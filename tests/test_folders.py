@@ -603,7 +603,8 @@ def test_left_out_images_are_named_with_reasons_in_a_bounded_line(tmp_path, caps
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if "train: skipped" in x)
     assert "train: skipped 8 unreadable image files: a/bad0.png (not an image Pillow can identify" in line
-    assert line.endswith(" and 3 more")
+    assert line.endswith(" and 3 more (the split was drawn with them listed; delete or repair them for the split "
+                         "without them)")  # five names, then a count: a bounded line
     assert "test: skipped 1 unreadable image file: a/cut.png (Pillow cannot decode it: " in err
     assert sorted(Path(p).name for p, _ in d.left_out) == [f"bad{i}.png" for i in range(8)] + ["cut.png"]
     assert len(d.train) + (d.val_labels == NORMAL).sum() == 20 and (d.test_labels == NORMAL).sum() == 3
@@ -629,3 +630,23 @@ def test_images_of_other_shapes_and_sizes_are_squared_visibly(tmp_path, capsys):
     want = Image.fromarray(wide).resize((74, 37), Image.BILINEAR).crop((18, 0, 55, 37))
     want = want.resize((SIZE, SIZE), Image.BILINEAR)
     assert np.array_equal(d.test[i].permute(1, 2, 0).numpy(), np.asarray(want))
+
+
+def test_an_empty_file_changes_no_split_and_is_named(tmp_path, capsys):
+    import shutil
+
+    from helpers import image_folder
+    clean = Path(image_folder(tmp_path / "clean"))
+    junk = tmp_path / "junk"
+    shutil.copytree(clean, junk)
+    for where in ("train/ant/000a.png", "train/bee/015a.png", "test/cow/003a.png"):  # a failed copy, 0 bytes
+        (junk / where).write_bytes(b"")
+
+    def split(root):
+        d = data.one_class_data(folders.open_source(root, image_size=32), "bee", seed=0, limit=20)
+        return [[str(Path(p).relative_to(root)) for p in files] for files in (d.train_files, d.val_files,
+                                                                             d.test_files)]
+    assert split(junk) == split(clean)  # the same images in every part, as if the empty files were not there
+    err = capsys.readouterr().err
+    assert "train: skipped 2 files that are not images" in err and "000a.png (an empty file (0 bytes))" in err
+    assert "test: skipped 1 file that is not an image" in err

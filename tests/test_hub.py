@@ -171,3 +171,17 @@ def test_a_cache_without_refs_main_is_still_a_cache(files, tmp_path, monkeypatch
     with pytest.raises(checkpoint.CheckpointError, match=r"holds model.safetensors in 2 snapshots of .* "
                        r"\(0123456789ab, eeeeeeeeeeee\) but no refs/main says which is main: pass one with --teacher"):
         hub_download(DINO_REPO, "model.safetensors", "main", cache)
+
+
+def test_a_model_folder_as_teacher_is_its_weights_file(tmp_path):
+    import hub
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder holding no checkpoint file: pass the checkpoint"):
+        hub.resolve_teacher(str(folder))
+    (folder / "pytorch_model.bin").write_bytes(b"x")
+    (folder / "model-fp16.safetensors").write_bytes(b"x")
+    with pytest.raises(checkpoint.CheckpointError, match="holding model-fp16.safetensors, pytorch_model.bin"):
+        hub.resolve_teacher(str(folder))
+    (folder / "model.safetensors").write_bytes(b"x")  # what save_pretrained writes, config.json beside it
+    assert hub.resolve_teacher(str(folder)).path == folder / "model.safetensors"

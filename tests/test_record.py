@@ -240,7 +240,7 @@ def test_run_folders_are_checked_before_the_teacher_and_the_data(files, tmp_path
     monkeypatch.setattr(jobs, "load_teacher", slow_work)
     monkeypatch.setattr(jobs, "data_as_recorded", slow_work)
     assert train.main(argv_for(files, out, "vit", "--batch-size", "16")) == 2
-    assert "another configuration (batch_size differ)" in capsys.readouterr().err
+    assert "another configuration (--batch-size 8 there, 16 now)" in capsys.readouterr().err
     assert train.main(argv_for(files, out)) == 2  # the same finished run: how to extend it comes first
     last = capsys.readouterr().err.strip()
     assert f"already holds this finished run (1 epoch): to train it longer, --resume --out {out} with a larger " \
@@ -308,11 +308,13 @@ def test_run_folders_are_found_at_any_depth_once_and_files_are_named(tmp_path, c
         record.run_folders([tmp_path / "nowhere"])
 
 
-def test_the_same_seed_twice_is_refused_not_averaged(tmp_path):
-    first = fake_run(tmp_path / "a", cls=3, name="cat", seed=0)
-    copy = fake_run(tmp_path / "b", cls=3, name="cat", seed=0)  # e.g. a copy, or one run with --knn-k 0
-    with pytest.raises(record.RunError, match="are the same run .class cat, seed 0"):
-        tables.tables([first, copy])
+def test_the_same_seed_twice_is_counted_once_and_named(tmp_path, capsys):
+    first = fake_run(tmp_path / "a", cls=3, name="cat", seed=0, auroc=0.6)
+    copy = fake_run(tmp_path / "b", cls=3, name="cat", seed=0, auroc=0.6)  # e.g. a copy of the folder
+    other = fake_run(tmp_path / "c", cls=3, name="cat", seed=1, auroc=0.8)
+    (group,) = tables.tables([first, copy, other])  # the table is still made, each seed once
+    assert group["rows"][0]["runs"] == 2 and group["rows"][0]["test_auroc"] == pytest.approx(70.0)
+    assert f"note: left out {copy}: the same run as {first} (class cat, seed 0" in capsys.readouterr().err
     (group,) = tables.tables([first, first])  # the same folder twice counts once
     assert group["rows"][0]["runs"] == 1
 

@@ -170,6 +170,19 @@ def test_non_positive_settings(files, tmp_path, capsys, flag, value):
     fails(capsys, argv_for(files, tmp_path / "r") + [flag, value], f"{flag} must be positive")
 
 
+@pytest.mark.parametrize("extra, said", [
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+    (["--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+    (["--lam", "nan"], "argument --lam: 'nan' is not a finite number"),
+    (["--teacher-mean", "0.5", "nan", "0.5"], "argument --teacher-mean: 'nan' is not a finite number"),
+    (["--teacher-std", "0", "0", "0"], "--teacher-std must be positive"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
+    (["--seed", "0", "4294967296"], "--seed must be between 0 and 4294967295")])
+def test_impossible_values_are_a_bad_flag_not_a_diverged_run(files, tmp_path, capsys, extra, said):
+    fails(capsys, argv_for(files, tmp_path / "r") + extra, said, "--help")
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_gpu(files, tmp_path, capsys):
     fails(capsys, argv_for(files, tmp_path / "r") + ["--device", "cuda"], "no usable CUDA GPU", "--device cpu")
@@ -186,7 +199,8 @@ def test_existing_run_folder_is_not_clobbered(files, tmp_path, capsys):
     out = tmp_path / "r"
     assert cli(argv_for(files, out)) == 0
     results = (out / "results.json").read_bytes()
-    fails(capsys, argv_for(files, out) + ["--lr", "1e-4"], "another configuration (lr differ)", "--overwrite")
+    fails(capsys, argv_for(files, out) + ["--lr", "1e-4"], "another configuration (--lr 5e-05 there, 0.0001 now)",
+          "--overwrite")
     fails(capsys, argv_for(files, out), "this finished run", "--overwrite trains it again")
     assert (out / "results.json").read_bytes() == results
     assert cli(argv_for(files, out, "vit", "--resume")) == 0  # finished: reports, changes nothing
@@ -483,7 +497,8 @@ def half_then(error):
     return write
 
 
-@pytest.mark.parametrize("kind, reason", [("torch", "torch.save failed"), ("safetensors", "No space left on device"),
+@pytest.mark.parametrize("kind, reason", [("torch", "torch.save could not write the whole file"),
+                                          ("safetensors", "No space left on device"),
                                           ("os", "No space left on device")])
 def test_a_failed_write_is_one_line_and_leaves_the_old_file(tmp_path, kind, reason):
     target = tmp_path / "state.pt"
@@ -492,6 +507,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_old_file(tmp_path, kind, reas
         writes.write_atomically(target, half_then(no_room(kind)))
     line = str(e.value)
     assert line.startswith(f"could not write state.pt in {tmp_path} (") and reason in line and "free there" in line
+    assert "it stopped after" in line  # how far the write got: more than that much room is needed
     assert "\n" not in line and target.read_bytes() == b"the previous state"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]  # no state.pt.tmp keeping the disk full
     for other in (KeyboardInterrupt(), ValueError("a bug")):  # not a write failure: raised as it is, tmp removed

@@ -78,11 +78,13 @@ def describe_group(cfg: dict, short=False) -> str:
     teacher = t.get("short_name") or Path(t["name"]).name
     epochs = f"{s['epochs']} epoch" + "s" * (s["epochs"] != 1)
     limit = f", limit {s['limit']}" if s["limit"] else ""  # not the protocol's test set: say so in every title
+    precision = f", {s['precision']}" if s.get("precision") else ""  # runs in another precision: another group
     if short:
-        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}{limit}"
+        return f"KDAD, {s['backbone']}, teacher {teacher}, data {data}, {s['image_size']} px, {epochs}{limit}" \
+               f"{precision}"
     return (f"{s['backbone']}, teacher {teacher}, data {data}, {epochs}, batch {s['batch_size']}, "
             f"lr {s['lr']:g}, lambda {s['lam']:g}, {s['image_size']} px{limit}"
-            + (f", {s['precision']}" if s.get("precision") else "") + (", plain" if s.get("plain") else "")
+            + precision + (", plain" if s.get("plain") else "")
             + (", selected by val AUROC" if s["select"] == "val-auroc" else ""))
 
 
@@ -104,14 +106,14 @@ def published_for(cfg: dict) -> tuple[str | None, dict, dict]:
 
 def unlike_published(cfg: dict) -> list[str]:
     """How this group's setup differs from the one the published figures came from (the recipe with its teacher),
-    e.g. ['1 epochs (published: 200)', 'teacher dino (published: vgg16)']; empty where it is that setup."""
+    e.g. ['epochs 1 (published: 200)', 'teacher dino (published: vgg16)']; empty where it is that setup."""
     from hub import DEFAULT_TEACHER  # here, not at the top: reading tables needs neither
     from train import RECIPES
     s, t = cfg["settings"], cfg["teacher"]
     dataset = s.get("dataset", "cifar10")
     recipe = RECIPES[dataset][s["backbone"]]
-    differ = [f"{s[k]:g} {what} (published: {recipe[k]:g})" for k, what in (
-        ("epochs", "epochs"), ("image_size", "px"), ("batch_size", "batch"), ("lr", "lr"), ("lam", "lambda"))
+    differ = [f"{what} {s[k]:g} (published: {recipe[k]:g})" for k, what in (
+        ("epochs", "epochs"), ("image_size", "image size"), ("batch_size", "batch"), ("lr", "lr"), ("lam", "lambda"))
         if s.get(k) != recipe[k]]
     want = DEFAULT_TEACHER[dataset][s["backbone"]]
     if t.get("preset") != want:

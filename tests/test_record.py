@@ -62,7 +62,8 @@ def test_published_column_only_for_cifar10_matched_by_name(tmp_path):
     assert [r["published"] for r in group["rows"][:2]] == [77.02, 91.45]  # cat and ship in the paper's table
     assert "Salehi et al. 2021" in group["markdown"] and "shared/docs" not in group["markdown"]
     # 1 epoch at 32 px with another teacher is not the paper's setup: the table says so beside the figures
-    assert "another setup than this table's: 1 epochs (published: 200), 32 px (published: 224)" in group["markdown"]
+    assert "another setup than this table's: epochs 1 (published: 200), image size 32 (published: 224)" \
+        in group["markdown"]
     assert "teacher sha-a (published: vgg16)" in group["markdown"]
 
 
